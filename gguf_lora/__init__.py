@@ -1,0 +1,9 @@
+"""gguf-lora: PEFT LoRA adapters to llama.cpp / Ollama, exactly."""
+__version__ = "0.1.0"
+
+from .convert import ConvertResult, convert  # noqa: E402
+from .errors import (AdapterError, BaseMismatchError, GgufLoraError, InputError, OutputError,  # noqa: E402
+                     UnsupportedError)
+
+__all__ = ["convert", "ConvertResult", "GgufLoraError", "InputError", "AdapterError", "UnsupportedError",
+           "BaseMismatchError", "OutputError", "__version__"]

@@ -1,0 +1,65 @@
+"""Architecture knowledge as data (archs.json), and the transforms it names, one function each."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+
+import gguf
+import numpy as np
+
+TRANSFORMS = ("permute_q", "permute_k", "trim_vocab")
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    hf_architectures: tuple[str, ...]
+    lora_targets: frozenset[str]
+    transforms: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    module_prefixes: dict[str, str] = field(default_factory=dict)
+
+    def normalize_module(self, module: str) -> str:
+        for old, new in self.module_prefixes.items():
+            if module.startswith(old):
+                return new + module[len(old):]
+        return module
+
+    def name_map(self, n_blocks: int) -> gguf.TensorNameMap:
+        return _name_map(self.name, n_blocks)
+
+
+@lru_cache(maxsize=None)
+def _name_map(arch: str, n_blocks: int) -> gguf.TensorNameMap:
+    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    return gguf.get_tensor_name_map(arch_id, n_blocks)
+
+
+@lru_cache(maxsize=None)
+def archs() -> dict[str, Arch]:
+    data = json.loads(resources.files(__package__).joinpath("archs.json").read_text())
+    data.pop("_doc", None)
+    out = {}
+    for name, spec in data.items():
+        if name not in gguf.MODEL_ARCH_NAMES.values():
+            raise ValueError(f"archs.json: {name!r} is not a GGUF architecture known to gguf-py")
+        transforms = {k: tuple(v) for k, v in spec.get("transforms", {}).items()}
+        for module, names in transforms.items():
+            unknown = set(names) - set(TRANSFORMS)
+            if unknown or module not in spec["lora_targets"]:
+                raise ValueError(f"archs.json: {name}.transforms.{module} is invalid ({sorted(unknown)})")
+        out[name] = Arch(name, tuple(spec["hf_architectures"]), frozenset(spec["lora_targets"]), transforms,
+                         dict(spec.get("module_prefixes", {})))
+    return out
+
+
+def arch_for_hf(hf_architecture: str) -> Arch | None:
+    return next((a for a in archs().values() if hf_architecture in a.hf_architectures), None)
+
+
+def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's rotary permutation of q/k rows (conversion/llama.py LlamaModel.permute), on any (rows, ...)."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(w.shape))

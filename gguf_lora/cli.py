@@ -1,0 +1,97 @@
+"""The `gguf-lora` command: a thin client of the library. Parses, calls, prints; exit 0 ok, 1 known error."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import GgufLoraError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Turn PEFT LoRA adapters into files llama.cpp and Ollama serve, exactly.")
+
+
+def _fail(e: GgufLoraError) -> None:
+    if os.environ.get("GGUF_LORA_DEBUG"):
+        raise e
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(1)
+
+
+def _progress(enabled: bool):
+    """A rich progress bar on stderr when it is a terminal, otherwise nothing."""
+    if not enabled or not sys.stderr.isatty():
+        return None, None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=Console(stderr=True), transient=True)
+    task = bar.add_task("converting", total=None)
+
+    def update(done: int, total: int, name: str) -> None:
+        bar.update(task, completed=done, total=total, description=name)
+
+    return bar, update
+
+
+@app.command()
+def convert(
+    adapter: Path = typer.Argument(..., help="PEFT adapter folder (adapter_config.json + weights)."),
+    base: Optional[Path] = typer.Option(None, "--base", "-b",
+                                        help="Base model: its GGUF file, or Hugging Face folder / config.json."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output .gguf (default: beside the adapter)."),
+    outtype: str = typer.Option("f16", "--outtype", help="f32, f16, bf16 or q8_0 (q8_0 falls back to f16 per "
+                                                          "tensor where rows are not multiples of 32)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+) -> None:
+    """Convert a PEFT LoRA adapter into a GGUF LoRA for llama.cpp / llama-server / Ollama."""
+    from .convert import convert as do_convert
+
+    bar, update = _progress(not as_json)
+    try:
+        if bar:
+            with bar:
+                result = do_convert(adapter, base, output, outtype, force, progress=update)
+        else:
+            result = do_convert(adapter, base, output, outtype, force)
+    except GgufLoraError as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    ranks = ", ".join(map(str, result.ranks))
+    typer.echo(f"wrote {result.output}: {result.arch} LoRA, {result.tensors} tensors, rank {ranks}, "
+               f"alpha {result.alpha:g}, {result.outtype}, {result.bytes:,} bytes")
+    if result.folded_scales:
+        typer.echo(f"  PEFT scales folded into lora_b for {len(result.folded_scales)} modules "
+                   "(rsLoRA / rank_pattern / alpha_pattern)")
+    if not result.shapes_validated:
+        typer.echo("  note: the base gave no tensor shapes (config.json only); shapes were not checked")
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="A GGUF file (adapter or model) or a PEFT adapter folder."),
+    base: Optional[Path] = typer.Option(None, "--base", "-b", help="Check whether the adapter fits this base."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Show an adapter or model: metadata, tensors, ranks, effective scales, and fit with --base."""
+    from .inspect import inspect as do_inspect, render
+
+    try:
+        report = do_inspect(path, base)
+    except GgufLoraError as e:
+        _fail(e)
+    typer.echo(json.dumps(report, indent=2) if as_json else render(report))
+    if report.get("fits") is False:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()

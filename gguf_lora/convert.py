@@ -1,0 +1,265 @@
+"""PEFT adapter -> GGUF LoRA file that llama.cpp, llama-server and Ollama load.
+
+The runtime multiplies each pair by user_scale * alpha / rank (llama-adapter.cpp), with one alpha per file
+and the rank read from that tensor's lora_b. PEFT's own scale (rsLoRA, rank/alpha patterns) is folded into
+lora_b wherever it differs, so the product equals PEFT's for every module.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+
+from . import __version__
+from .archs import permute_rows
+from .base import BaseModel, load_base
+from .errors import AdapterError, BaseMismatchError, InputError, UnsupportedError
+from .output import atomic_output, check_output
+from .peft import LoraPair, PeftAdapter, load_adapter
+
+OUTTYPES = {
+    "f32": gguf.GGMLQuantizationType.F32,
+    "f16": gguf.GGMLQuantizationType.F16,
+    "bf16": gguf.GGMLQuantizationType.BF16,
+    "q8_0": gguf.GGMLQuantizationType.Q8_0,
+}
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class PlannedPair:
+    """One module's journey: where it lands in GGUF, which transforms apply, and the factor folded into B."""
+
+    pair: LoraPair
+    gguf_name: str  # base tensor name, e.g. blk.0.attn_q.weight
+    transforms: tuple[str, ...]
+    fold: float  # lora_b *= fold, so that alpha_file / rank * fold == PEFT's scale
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
+
+
+@dataclass
+class ConvertResult:
+    output: str
+    arch: str
+    tensors: int
+    ranks: list[int]
+    alpha: float
+    bytes: int
+    outtype: str
+    base: str
+    shapes_validated: bool
+    folded_scales: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _unsupported_message(adapter: PeftAdapter) -> None:
+    features = adapter.unsupported_features()
+    if features:
+        feature, names = features[0]
+        more = f" (also: {', '.join(f for f, _ in features[1:])})" if len(features) > 1 else ""
+        raise UnsupportedError(f"Adapter {adapter.path} has {feature}, e.g. {names[0]}{more}",
+                               "a GGUF LoRA file carries only low-rank pairs, so llama.cpp cannot apply this",
+                               "bake it into the model with 'gguf-lora merge' instead")
+
+
+def resolve_base(adapter: PeftAdapter, base: str | Path | None) -> BaseModel:
+    if base is not None:
+        return load_base(base)
+    hint = adapter.config.get("base_model_name_or_path")
+    if hint and Path(hint).expanduser().exists():
+        return load_base(Path(hint).expanduser())
+    said = f" (its base_model_name_or_path {hint!r} is not a local folder)" if hint else ""
+    raise InputError(f"No base model for {adapter.path}{said}",
+                     "the base tells the architecture, the q/k layout and every shape to check",
+                     "pass --base BASE.gguf (the model you run) or --base HF_MODEL_FOLDER")
+
+
+def plan(adapter: PeftAdapter, base: BaseModel) -> tuple[float, list[PlannedPair]]:
+    """Validate every pair against the base and decide names, transforms and the file alpha."""
+    _unsupported_message(adapter)
+    arch = base.arch
+    name_map = arch.name_map(base.n_layers)
+    alpha = float(adapter.config["lora_alpha"])
+    planned: list[PlannedPair] = []
+    for pair in adapter.pairs.values():
+        module = arch.normalize_module(pair.module)
+        leaf = module.rsplit(".", 1)[-1]
+        gguf_name = name_map.get_name(module + ".weight", try_suffixes=(".weight",))
+        if base.tied_embeddings and (leaf == "lm_head" or gguf_name in ("output.weight", "token_embd.weight")):
+            raise UnsupportedError(f"Adapter trains {pair.module}, and base {base.source} ties its output projection "
+                                   "to token_embd", "llama.cpp would apply an embedding or lm_head LoRA to both "
+                                   "(llama-server aborts on such a file) while PEFT changes only one",
+                                   "bake it in with 'gguf-lora merge' instead")
+        if leaf not in arch.lora_targets:
+            raise UnsupportedError(
+                f"Adapter targets {pair.module}, which gguf-lora cannot convert for {arch.name}",
+                f"only {', '.join(sorted(arch.lora_targets))} map onto one GGUF tensor without an unimplemented "
+                "transform (fused or stacked tensors)", "retrain without that target, or use 'gguf-lora merge'")
+        if gguf_name is None:
+            raise BaseMismatchError(f"Adapter targets {pair.module}, which has no tensor in a {arch.name} model",
+                                    "the adapter was trained on another architecture", "pass the adapter's own base")
+        if pair.embedding != (gguf_name == "token_embd.weight"):
+            raise AdapterError(f"Module {pair.module} has {'embedding' if pair.embedding else 'linear'} LoRA weights "
+                               f"but maps to {gguf_name}", "the adapter does not fit this architecture",
+                               "pass the adapter's own base")
+        transforms = arch.transforms.get(leaf, ())
+        a_shape, b_shape = pair.a_shape, pair.b_shape
+        if pair.embedding:
+            a_shape = (a_shape[1], a_shape[0])  # llama.cpp reads token_embd.lora_a as (vocab, r)
+        if base.tensors is not None:
+            if gguf_name not in base.tensors:
+                raise BaseMismatchError(f"Adapter targets {pair.module} ({gguf_name}), which base {base.source} "
+                                        "does not have", "the adapter was trained on another model",
+                                        "pass the adapter's own base")
+            want = base.tensors[gguf_name]
+            if pair.embedding:
+                vocab, dim = want
+                if "trim_vocab" in transforms and a_shape[0] > vocab:
+                    a_shape = (vocab, a_shape[1])
+                got = (a_shape[0], b_shape[0])
+            else:
+                got = (b_shape[0], a_shape[1])
+            if tuple(want) != got:
+                raise BaseMismatchError(f"Adapter module {pair.module} has shape {got} but base tensor {gguf_name} "
+                                        f"is {tuple(want)}", "the adapter was trained on another model size",
+                                        "pass the adapter's own base")
+        elif "trim_vocab" in transforms and pair.embedding:
+            raise InputError(f"Adapter trains embed_tokens of a {arch.name} model, whose GGUF drops unused vocabulary "
+                             "rows", "the number of rows kept is known only from the base GGUF",
+                             "pass --base BASE.gguf")
+        fold = pair.scale / (alpha / pair.rank) if alpha else pair.scale
+        planned.append(PlannedPair(pair, gguf_name, transforms, fold, a_shape, b_shape))
+    check_base_copies(adapter, base)
+    if not planned:
+        raise AdapterError(f"Adapter {adapter.path} holds no LoRA pairs", "", "check the adapter folder")
+    planned.sort(key=lambda p: _tensor_order(p.gguf_name))
+    return alpha, planned
+
+
+def check_base_copies(adapter: PeftAdapter, base: BaseModel) -> None:
+    """PEFT saves the base's own embed_tokens / lm_head when they are LoRA targets (save_embedding_layers).
+    They add nothing when they equal the base; if they differ (resized or trained vocabulary) a LoRA file
+    cannot carry them."""
+    name_map = base.arch.name_map(base.n_layers)
+    for module, key in adapter.base_copies.items():
+        gguf_name = name_map.get_name(base.arch.normalize_module(module) + ".weight", try_suffixes=(".weight",))
+        if gguf_name == "output.weight" and base.tied_embeddings:
+            gguf_name = "token_embd.weight"
+        stored = base.read_tensor(gguf_name) if gguf_name else None
+        if stored is None:
+            if base.tensors is None:
+                continue  # a bare config.json: nothing to compare with
+            raise BaseMismatchError(f"Adapter carries a copy of {module}, which base {base.source} does not have",
+                                    "the adapter was trained on another model", "pass the adapter's own base")
+        want, qtype = stored
+        got = adapter.read(key)
+        if got.shape != want.shape:
+            raise UnsupportedError(f"Adapter carries {module} of shape {got.shape}, base {gguf_name} is {want.shape}",
+                                   "the vocabulary was resized during training, and a LoRA file cannot add tokens",
+                                   "bake it in with 'gguf-lora merge', or pass the base with the resized vocabulary")
+        quantized = qtype not in ("F32", "F16", "BF16")
+        rel = float(np.linalg.norm(got - want) / max(float(np.linalg.norm(want)), 1e-30))
+        if rel > (0.2 if quantized else 1e-2):
+            raise UnsupportedError(f"Adapter carries a {module} that differs from the base's {gguf_name} "
+                                   f"(relative difference {rel:.3g})", "those weights were trained or replaced, "
+                                   "and a LoRA file carries only low-rank pairs",
+                                   "bake it in with 'gguf-lora merge' instead")
+
+
+def _tensor_order(name: str) -> tuple:
+    parts = name.split(".")
+    return (0, int(parts[1]), name) if parts[0] == "blk" else (-1 if name.startswith("token") else 1, 0, name)
+
+
+def pair_arrays(adapter: PeftAdapter, p: PlannedPair, base: BaseModel) -> tuple[np.ndarray, np.ndarray]:
+    """lora_a and lora_b in llama.cpp's layout, float32, every transform and the scale fold applied."""
+    a = adapter.read(p.pair.a_key)
+    b = adapter.read(p.pair.b_key)
+    if p.pair.embedding:
+        a = a.T[: p.a_shape[0]]
+    for t in p.transforms:
+        if t == "permute_q":
+            b = permute_rows(b, base.n_head)
+        elif t == "permute_k":
+            b = permute_rows(b, base.n_head_kv)
+    if p.fold != 1.0:
+        b = b * np.float32(p.fold)
+    return np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(b, dtype=np.float32)
+
+
+def tensor_type(shape: tuple[int, ...], outtype: str) -> gguf.GGMLQuantizationType:
+    """The requested type, or F16 where Q8_0 cannot hold the rows (as llama.cpp's converter falls back)."""
+    qtype = OUTTYPES[outtype]
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    return qtype if shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
+
+
+def encode(arr: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return arr
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return arr.astype(np.float16)
+    return gguf.quants.quantize(arr, qtype)
+
+
+def convert(adapter: str | Path, base: str | Path | None = None, output: str | Path | None = None,
+            outtype: str = "f16", force: bool = False, progress: Progress | None = None) -> ConvertResult:
+    """Convert a PEFT LoRA folder into a GGUF LoRA for `base`; returns what was written."""
+    if outtype not in OUTTYPES:
+        raise InputError(f"Unknown output type {outtype!r}", "", f"choose one of {', '.join(OUTTYPES)}")
+    peft = load_adapter(adapter)
+    model = resolve_base(peft, base)
+    alpha, planned = plan(peft, model)
+    out = Path(output) if output else peft.path.parent / f"{peft.path.name}-lora-{outtype}.gguf"
+    inputs = [peft.path, peft.weights_file, model.source]
+    check_output(out, force, inputs)
+
+    with atomic_output(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, model.arch.name, use_temp_file=False)
+        try:
+            writer.add_type(gguf.GGUFType.ADAPTER)
+            writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+            writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+            writer.add_name(peft.name)
+            tokens = peft.config.get("alora_invocation_tokens")
+            if tokens:
+                writer.add_key_value(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS, [int(t) for t in tokens],
+                                     gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
+            writer.add_string("gguf_lora.version", __version__)
+            writer.add_string("gguf_lora.source", peft.name)
+            writer.add_string("gguf_lora.source_sha256", peft.content_hash())
+            types = []
+            for p in planned:
+                for suffix, shape in ((".lora_a", p.a_shape), (".lora_b", p.b_shape)):
+                    qtype = tensor_type(shape, outtype)
+                    nbytes = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
+                    writer.add_tensor_info(p.gguf_name + suffix, nbytes, np.dtype(np.uint8),
+                                           int(np.prod(nbytes)), raw_dtype=qtype)
+                    types.append(qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for i, p in enumerate(planned):
+                a, b = pair_arrays(peft, p, model)
+                for arr, qtype in ((a, types[2 * i]), (b, types[2 * i + 1])):
+                    writer.write_tensor_data(encode(arr, qtype).view(np.uint8).reshape(-1)
+                                             .reshape(gguf.quants.quant_shape_to_byte_shape(arr.shape, qtype)))
+                if progress:
+                    progress(i + 1, len(planned), p.gguf_name)
+            writer.close()
+        except BaseException:
+            for f in writer.fout or []:
+                f.close()
+            raise
+    return ConvertResult(
+        output=str(out), arch=model.arch.name, tensors=2 * len(planned),
+        ranks=sorted({p.pair.rank for p in planned}), alpha=alpha, bytes=out.stat().st_size, outtype=outtype,
+        base=str(model.source), shapes_validated=model.validates_shapes,
+        folded_scales=[p.pair.module for p in planned if p.fold != 1.0])

@@ -1,0 +1,121 @@
+"""Describe a GGUF (adapter or model) or a PEFT folder, and whether an adapter fits a base."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from .base import is_gguf, load_base
+from .errors import GgufLoraError, InputError
+from .peft import load_adapter
+
+
+def _gguf_report(path: Path) -> dict[str, Any]:
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:
+        raise InputError(f"{path} is not a readable GGUF file ({e})", "the file is damaged or truncated", "") from None
+    meta: dict[str, Any] = {}
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        value = f.contents()
+        if isinstance(value, list) and len(value) > 8:
+            value = f"[{len(value)} items]"
+        elif isinstance(value, str) and len(value) > 200:
+            value = value[:200] + "…"
+        meta[key] = value
+    tensors = [{"name": t.name, "type": t.tensor_type.name, "shape": [int(d) for d in reversed(t.shape.tolist())]}
+               for t in reader.tensors]
+    report: dict[str, Any] = {"path": str(path), "kind": "gguf-" + ("adapter" if meta.get("general.type") == "adapter"
+                                                                    else "model"),
+                              "arch": meta.get("general.architecture"), "metadata": meta, "tensors": tensors}
+    if report["kind"] == "gguf-adapter":
+        alpha = float(meta.get("adapter.lora.alpha", 0.0))
+        shapes = {t["name"]: t["shape"] for t in tensors}
+        report["pairs"] = [
+            {"tensor": name[: -len(".lora_b")], "rank": shape[1],
+             "scale": alpha / shape[1] if alpha else 1.0}
+            for name, shape in shapes.items() if name.endswith(".lora_b")]
+    return report
+
+
+def _peft_report(path: Path) -> dict[str, Any]:
+    adapter = load_adapter(path)
+    cfg = adapter.config
+    return {
+        "path": str(path), "kind": "peft", "peft_type": cfg.get("peft_type"), "r": cfg.get("r"),
+        "lora_alpha": cfg.get("lora_alpha"), "use_rslora": bool(cfg.get("use_rslora")),
+        "rank_pattern": cfg.get("rank_pattern") or {}, "alpha_pattern": cfg.get("alpha_pattern") or {},
+        "base_model_name_or_path": cfg.get("base_model_name_or_path"), "weights": str(adapter.weights_file),
+        "pairs": [{"module": p.module, "rank": p.rank, "alpha": p.alpha, "scale": p.scale, "dtype": p.dtype,
+                   "embedding": p.embedding} for p in adapter.pairs.values()],
+        "unsupported": [{"feature": f, "tensors": names[:5]} for f, names in adapter.unsupported_features()],
+    }
+
+
+def _fit_gguf_adapter(report: dict[str, Any], base_path: Path) -> str | None:
+    base = load_base(base_path)
+    if base.arch.name != report["arch"]:
+        return f"architecture {report['arch']} does not match the base's {base.arch.name}"
+    shapes = {t["name"]: t["shape"] for t in report["tensors"]}
+    for pair in report["pairs"]:
+        name = pair["tensor"]
+        if base.tensors is None:
+            break
+        if name not in base.tensors:
+            return f"{name} does not exist in the base"
+        a, b = shapes[name + ".lora_a"], shapes[name + ".lora_b"]
+        got = (a[0], b[0]) if name == "token_embd.weight" else (b[0], a[1])
+        if tuple(base.tensors[name]) != tuple(got):
+            return f"{name} has shape {got} in the adapter but {tuple(base.tensors[name])} in the base"
+        if name == "token_embd.weight" and base.tied_embeddings:
+            return "the base ties output to token_embd, so llama.cpp would misapply the embedding LoRA"
+    return None
+
+
+def inspect(path: str | Path, base: str | Path | None = None) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path} does not exist", "", "pass a GGUF file or a PEFT adapter folder")
+    report = _gguf_report(path) if path.is_file() and is_gguf(path) else _peft_report(path)
+    if base is not None:
+        if report["kind"] == "gguf-model":
+            raise InputError(f"{path} is a model, not an adapter", "--base checks an adapter against a model", "")
+        if report["kind"] == "peft":
+            from .convert import plan, resolve_base
+
+            try:
+                plan(load_adapter(path), resolve_base(load_adapter(path), base))
+                problem = None
+            except GgufLoraError as e:
+                problem = str(e)
+        else:
+            problem = _fit_gguf_adapter(report, Path(base))
+        report["base"] = str(base)
+        report["fits"] = problem is None
+        report["problem"] = problem
+    return report
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [f"{report['path']}: {report['kind']}" + (f", arch {report['arch']}" if report.get("arch") else "")]
+    if report["kind"] == "peft":
+        lines.append(f"  r={report['r']} lora_alpha={report['lora_alpha']} rslora={report['use_rslora']} "
+                     f"base={report['base_model_name_or_path']}")
+        for p in report["pairs"]:
+            lines.append(f"  {p['module']:<50} rank {p['rank']:>4}  alpha {p['alpha']:g}  scale {p['scale']:.6g}"
+                         f"  {p['dtype']}{'  (embedding)' if p['embedding'] else ''}")
+        for u in report["unsupported"]:
+            lines.append(f"  ! {u['feature']}: {', '.join(u['tensors'])}")
+    else:
+        for key, value in report["metadata"].items():
+            lines.append(f"  {key} = {value}")
+        for t in report["tensors"]:
+            lines.append(f"  {t['name']:<50} {t['type']:<6} {t['shape']}")
+        for p in report.get("pairs", []):
+            lines.append(f"  pair {p['tensor']:<45} rank {p['rank']:>4}  scale {p['scale']:.6g}")
+    if "fits" in report:
+        lines.append(f"fits {report['base']}: " + ("yes" if report["fits"] else f"no: {report['problem']}"))
+    return "\n".join(lines)

@@ -1,0 +1,53 @@
+"""Outputs are written to a temporary file in the target folder and renamed at the end: a failure or an
+interruption leaves nothing behind, and an existing file is replaced only once the new one is complete."""
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .errors import OutputError
+
+
+def check_output(out: Path, force: bool, inputs: Iterable[Path]) -> Path:
+    """Refuse before any work: an input as output, a missing folder, an existing file without --force."""
+    out = Path(out)
+    resolved = out.resolve()
+    for p in inputs:
+        p = Path(p).resolve()
+        if resolved == p or (p.is_dir() and p in resolved.parents and resolved.name in
+                             {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"}):
+            raise OutputError(f"Output {out} is one of the inputs", "gguf-lora never overwrites its inputs",
+                              "choose another output path with -o")
+    if not resolved.parent.is_dir():
+        raise OutputError(f"Output folder {out.parent} does not exist", "", f"create it first: mkdir -p {out.parent}")
+    if out.is_dir():
+        raise OutputError(f"Output {out} is a folder", "", "pass a file path ending in .gguf with -o")
+    if out.exists() and not force:
+        raise OutputError(f"Output {out} already exists", "it is kept unless you ask", "pass --force to replace it")
+    return out
+
+
+@contextmanager
+def atomic_output(out: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `out`; rename it to `out` only if the block completes."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, out)
+    except OSError as e:
+        tmp_path.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise OutputError(f"Writing {out} failed: {os.strerror(e.errno)}", "the disk or the file size limit is full",
+                              "free space in that folder (nothing was written) and run again") from None
+        raise OutputError(f"Writing {out} failed: {e}", "nothing was written", "check the folder's permissions") from None
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise

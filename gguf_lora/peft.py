@@ -1,0 +1,240 @@
+"""Reading PEFT adapter folders: the config's semantics, the LoRA pairs and their effective scales.
+
+The scale rules are PEFT's own (peft.tuners.lora.layer.update_layer and peft.utils.other.get_pattern_key):
+s = alpha / r, or alpha / sqrt(r) with use_rslora; rank_pattern / alpha_pattern override r / alpha for
+modules whose name ends with the pattern at a dot boundary (the key is a regex).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import AdapterError, InputError, UnsupportedError
+from .safetensors_io import SafetensorsFile
+
+CONFIG = "adapter_config.json"
+SAFETENSORS = "adapter_model.safetensors"
+PICKLE = "adapter_model.bin"
+
+_PAIR = re.compile(r"^(?P<module>.+)\.lora_(?P<emb>embedding_)?(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
+_PREFIXES = ("base_model.model.",)
+# PEFT's save_embedding_layers writes the base model's own embedding / output weights beside the pairs.
+_BASE_COPY = re.compile(r"^(?:base_model\.model\.)?(?P<module>(?:.+\.)?(?:embed_tokens|lm_head))(?:\.base_layer)?\.weight$")
+
+# Features a GGUF LoRA file cannot carry: (name, how to recognise its tensors).
+_FEATURES = (
+    ("DoRA (lora_magnitude_vector)", re.compile(r"\.lora_magnitude_vector")),
+    ("LoRA biases (lora_bias)", re.compile(r"\.lora_B(\.[^.]+)?\.bias$")),
+    ("trainable tokens (trainable_token_indices)", re.compile(r"trainable_tokens")),
+    ("fully trained modules (modules_to_save)", re.compile(r"\.modules_to_save\.")),
+)
+
+
+def get_pattern_key(pattern_keys, key: str) -> str:
+    """PEFT's rule: the first pattern that matches the end of the module name at a dot boundary."""
+    for pattern in pattern_keys:
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return pattern
+    return key
+
+
+def peft_scale(rank: int, alpha: float, use_rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+@dataclass
+class LoraPair:
+    """One adapted module: ΔW = scale · B @ A (embeddings: ΔE = (B @ A)ᵀ, looked up by token)."""
+
+    module: str  # HF module path without the PEFT prefix, e.g. model.layers.3.self_attn.q_proj
+    embedding: bool
+    a_key: str
+    b_key: str
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
+    dtype: str
+    rank: int
+    alpha: float
+    scale: float
+
+    @property
+    def hf_weight(self) -> str:
+        return self.module + ".weight"
+
+
+@dataclass
+class PeftAdapter:
+    path: Path
+    config: dict[str, Any]
+    weights_file: Path
+    pairs: dict[str, LoraPair]
+    others: list[str] = field(default_factory=list)  # tensors that are not LoRA pairs
+    base_copies: dict[str, str] = field(default_factory=dict)  # module -> key of a saved base weight
+    _reader: Any = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def unsupported_features(self) -> list[tuple[str, list[str]]]:
+        """Features present that a plain GGUF LoRA cannot express, each with the tensors that show it."""
+        found = []
+        cfg = self.config
+        for feature, rx in _FEATURES:
+            names = [n for n in self.others if rx.search(n)]
+            if feature.startswith("DoRA") and cfg.get("use_dora") and not names:
+                names = ["(use_dora in adapter_config.json)"]
+            if names:
+                found.append((feature, names))
+        claimed = {n for _, names in found for n in names}
+        rest = [n for n in self.others if n not in claimed]
+        biases = [n for n in rest if n.endswith(".bias")]
+        if biases:
+            found.append(("trained biases (bias='all' or 'lora_only')", biases))
+        full = [n for n in rest if not n.endswith(".bias")]
+        if full:
+            found.append(("full tensors besides the LoRA pairs", full))
+        if cfg.get("layer_replication"):
+            found.append(("layer_replication", ["(adapter_config.json)"]))
+        return found
+
+    def read(self, key: str) -> np.ndarray:
+        """A tensor as float32, NaN/Inf refused with the tensor named."""
+        if isinstance(self._reader, SafetensorsFile):
+            arr = self._reader.read(key)
+        else:
+            arr = self._reader[key].float().numpy()
+        if not np.isfinite(arr).all():
+            bad = int((~np.isfinite(arr)).sum())
+            raise AdapterError(f"Tensor {key} of {self.weights_file} holds {bad} NaN/Inf values",
+                               "the adapter's training diverged or the file is damaged",
+                               "use a checkpoint from before the divergence")
+        return arr
+
+    def content_hash(self) -> str:
+        h = hashlib.sha256()
+        with open(self.weights_file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+
+def _load_config(path: Path) -> dict[str, Any]:
+    cfg_path = path / CONFIG
+    if not cfg_path.is_file():
+        raise InputError(f"{path} has no {CONFIG}", "a PEFT adapter folder holds its config beside its weights",
+                         "pass the folder written by model.save_pretrained()")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{cfg_path} is not valid JSON ({e})", "", "fix or re-save the adapter config") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"{cfg_path} does not hold a JSON object", "", "re-save the adapter config")
+    peft_type = str(cfg.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise UnsupportedError(f"{path} is a {peft_type or 'untyped'} adapter, not LoRA",
+                               "only LoRA adapters have a GGUF form that llama.cpp loads",
+                               "train a LoRA adapter (peft_type LORA)")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(key), (int, float)) or cfg[key] < 0 or (key == "r" and cfg[key] < 1):
+            raise AdapterError(f"{cfg_path} has an invalid {key}: {cfg.get(key)!r}",
+                               "PEFT needs a positive rank and a non-negative alpha", "fix the adapter config")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(cfg.get(key) or {}, dict):
+            raise AdapterError(f"{cfg_path}: {key} is not a mapping", "", "fix the adapter config")
+    return cfg
+
+
+def _open_weights(path: Path):
+    st, pt = path / SAFETENSORS, path / PICKLE
+    if st.is_file():
+        reader = SafetensorsFile(st)
+        return st, reader, {k: (e.shape, e.dtype) for k, e in reader.entries.items()}
+    if pt.is_file():
+        import torch
+
+        try:
+            sd = torch.load(pt, map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, OSError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"{pt} cannot be loaded safely ({first})",
+                             "only plain tensors are read from a pickle; anything else (code, custom classes) "
+                             "is refused", "re-save the adapter as safetensors (safe_serialization=True)") from None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise InputError(f"{pt} does not hold a flat dict of tensors", "", "re-save the adapter as safetensors")
+        return pt, sd, {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in sd.items()}
+    raise InputError(f"{path} has no {SAFETENSORS} or {PICKLE}", "the adapter's weights are missing",
+                     "copy the whole folder written by model.save_pretrained()")
+
+
+def load_adapter(path: str | Path) -> PeftAdapter:
+    """Open a PEFT LoRA folder: config checked, tensors indexed (not read), ranks and scales resolved."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        raise InputError(f"{path} is a GGUF file, not a PEFT adapter folder",
+                         "convert reads PEFT adapters (adapter_config.json + weights)",
+                         "to look at a GGUF use 'gguf-lora inspect'; pass it as --base if it is the base model")
+    if not path.exists():
+        raise InputError(f"{path} does not exist", "", "pass the folder written by model.save_pretrained()")
+    if not path.is_dir():
+        raise InputError(f"{path} is a file, not a PEFT adapter folder", "",
+                         "pass the folder that holds adapter_config.json")
+    cfg = _load_config(path)
+    weights_file, reader, index = _open_weights(path)
+
+    halves: dict[str, dict[str, str]] = {}
+    others: list[str] = []
+    base_copies: dict[str, str] = {}
+    for key in index:
+        copy = _BASE_COPY.match(key)
+        if copy and "modules_to_save" not in key:
+            base_copies[copy.group("module")] = key
+            continue
+        m = _PAIR.match(key)
+        if not m or key.endswith(".bias") or (m.group("adapter") and m.group("adapter") == "bias"):
+            others.append(key)
+            continue
+        module = m.group("module")
+        for p in _PREFIXES:
+            module = module.removeprefix(p)
+        slot = halves.setdefault(module, {})
+        slot["emb"] = bool(m.group("emb"))
+        slot[m.group("ab")] = key
+
+    rank_pattern = cfg.get("rank_pattern") or {}
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    rslora = bool(cfg.get("use_rslora"))
+    pairs: dict[str, LoraPair] = {}
+    for module, slot in sorted(halves.items()):
+        if "A" not in slot or "B" not in slot:
+            raise AdapterError(f"{weights_file}: module {module} has lora_{'A' if 'A' in slot else 'B'} "
+                               f"but no lora_{'B' if 'A' in slot else 'A'}", "the file is incomplete",
+                               "re-save the adapter")
+        (a_shape, a_dtype), (b_shape, _) = index[slot["A"]], index[slot["B"]]
+        if len(a_shape) != 2 or len(b_shape) != 2:
+            raise UnsupportedError(f"Module {module} has LoRA weights of shapes {a_shape} and {b_shape}",
+                                   "only Linear and Embedding LoRA exist in GGUF (no convolutions)",
+                                   "target Linear modules only")
+        rank = a_shape[0]
+        if b_shape[1] != rank:
+            raise AdapterError(f"Module {module}: lora_A {a_shape} and lora_B {b_shape} disagree on the rank",
+                               "the file is inconsistent", "re-save the adapter")
+        r_cfg = rank_pattern.get(get_pattern_key(rank_pattern, module), cfg["r"])
+        alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern, module), cfg["lora_alpha"]))
+        if int(r_cfg) != rank:
+            raise AdapterError(f"Module {module} has rank {rank} in its weights but {r_cfg} in {CONFIG}",
+                               "the config does not describe these weights, so PEFT's scale would be unknown",
+                               "use the adapter_config.json saved with these weights")
+        pairs[module] = LoraPair(module, slot["emb"], slot["A"], slot["B"], a_shape, b_shape, a_dtype,
+                                 rank, alpha, peft_scale(rank, alpha, rslora))
+    if not pairs and not others and not base_copies:
+        raise AdapterError(f"{weights_file} holds no tensors", "", "re-save the adapter")
+    return PeftAdapter(path, cfg, weights_file, pairs, others, base_copies, reader)

@@ -1,0 +1,105 @@
+"""Pico models for tests: tiny random HF models of each supported architecture with a sentencepiece
+tokenizer trained offline, and PEFT adapters on them (init_lora_weights=False, so B is not zero).
+
+Everything is seeded, so a folder built twice is the same model.
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+import torch
+
+VOCAB = 128
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2, rms_norm_eps=1e-6)
+
+# arch key -> (transformers config class, model class, extra config); tied: whether llama.cpp ties output
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=None)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=False)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=False, head_dim=16)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=16)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16, sliding_window=64,
+                                                         query_pre_attn_scalar=16)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(head_dim=16, sliding_window=64,
+                                                             query_pre_attn_scalar=16)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(tie_word_embeddings=False, num_key_value_heads=4,
+                                                   original_max_position_embeddings=256)),
+}
+# GGUF architecture each HF family lands on (Mistral is llama in GGUF).
+GGUF_ARCH = {"mistral": "llama"}
+TIED = {"gemma", "gemma2", "gemma3"}
+
+
+def sentencepiece_model() -> bytes:
+    """A BPE sentencepiece model of exactly VOCAB pieces, trained on seeded pseudo-words."""
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    lines = [" ".join("".join(rng.choice(letters[:12]) for _ in range(rng.randint(1, 6)))
+                      for _ in range(12)) for _ in range(400)]
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=out, vocab_size=VOCAB,
+                                   model_type="bpe", character_coverage=1.0, num_threads=1,
+                                   bos_id=1, eos_id=2, unk_id=3, pad_id=0, minloglevel=2)
+    return out.getvalue()
+
+
+def make_base(arch: str, folder: Path, seed: int = 0, **overrides) -> torch.nn.Module:
+    """Save a tiny random `arch` model (float32 safetensors + tokenizer.model) to folder; return it."""
+    import transformers
+
+    config_cls, model_cls, extra = ARCHS[arch]
+    config = getattr(transformers, config_cls)(**{**COMMON, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).float().eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    (folder / "tokenizer.model").write_bytes(sentencepiece_model())
+    (folder / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "add_eos_token": False,
+                                                                      "tokenizer_class": "LlamaTokenizer"}))
+    return model
+
+
+def load_base_model(folder: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def make_adapter(base_folder: Path, folder: Path, seed: int = 1, dtype: torch.dtype = torch.float32,
+                 **lora) -> Path:
+    """Train nothing: a PEFT LoRA with random A and B on the base, saved with save_pretrained."""
+    from peft import LoraConfig, get_peft_model
+
+    model = load_base_model(base_folder)
+    torch.manual_seed(seed)
+    lora = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "init_lora_weights": False, **lora}
+    peft_model = get_peft_model(model, LoraConfig(**lora))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_embedding_B" in name:  # PEFT's default leaves it small; make the update visible
+                p.normal_(0, 0.3)
+    if dtype != torch.float32:
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.to(dtype)
+    peft_model.save_pretrained(folder)
+    cfg_path = folder / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = str(base_folder)
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+def load_peft_model(base_folder: Path, adapter_folder: Path):
+    """The reference: transformers + peft loading the adapter from disk, as a user would."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_base_model(base_folder), adapter_folder).eval()
