@@ -16,8 +16,8 @@ import numpy as np
 from . import __version__
 from .archs import permute_rows
 from .base import BaseModel, load_base
-from .errors import AdapterError, BaseMismatchError, InputError, UnsupportedError
-from .output import atomic_output, check_output
+from .errors import AdapterError, BaseMismatchError, GgufLoraError, InputError, UnsupportedError
+from .output import atomic_output, check_output, expect_size
 from .peft import LoraPair, PeftAdapter, load_adapter
 
 OUTTYPES = {
@@ -70,9 +70,21 @@ def _unsupported_message(adapter: PeftAdapter) -> None:
 
 
 def resolve_base(adapter: PeftAdapter, base: str | Path | None) -> BaseModel:
-    if base is not None:
-        return load_base(base)
     hint = adapter.config.get("base_model_name_or_path")
+    if base is not None:
+        model = load_base(base)
+        recorded = Path(hint).expanduser() if hint else None
+        if recorded and recorded.exists() and Path(base).resolve() != recorded.resolve():
+            try:
+                trained_on = load_base(recorded).arch.name
+            except GgufLoraError:
+                trained_on = None  # unreadable or unsupported: the pair checks still apply
+            if trained_on and trained_on != model.arch.name:
+                raise BaseMismatchError(f"Adapter {adapter.path} was trained on {hint} ({trained_on}) but base "
+                                        f"{base} is {model.arch.name}", "llama.cpp refuses a LoRA of another "
+                                        "architecture, and the numbers would be meaningless anyway",
+                                        "pass the adapter's own base model")
+        return model
     if hint and Path(hint).expanduser().exists():
         return load_base(Path(hint).expanduser())
     said = f" (its base_model_name_or_path {hint!r} is not a local folder)" if hint else ""
@@ -148,7 +160,7 @@ def check_base_copies(adapter: PeftAdapter, base: BaseModel) -> None:
     They add nothing when they equal the base; if they differ (resized or trained vocabulary) a LoRA file
     cannot carry them."""
     name_map = base.arch.name_map(base.n_layers)
-    for module, key in adapter.base_copies.items():
+    for module, key in adapter.base_copies.items():  # (modules_to_save ones were refused before)
         gguf_name = name_map.get_name(base.arch.normalize_module(module) + ".weight", try_suffixes=(".weight",))
         if gguf_name == "output.weight" and base.tied_embeddings:
             gguf_name = "token_embd.weight"
@@ -246,6 +258,10 @@ def convert(adapter: str | Path, base: str | Path | None = None, output: str | P
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
+            writer.fout[0].flush()
+            align = writer.data_alignment
+            padded = lambda n: -(-n // align) * align  # noqa: E731
+            expected = padded(writer.fout[0].tell()) + sum(padded(t.nbytes) for t in writer.tensors[0].values())
             for i, p in enumerate(planned):
                 a, b = pair_arrays(peft, p, model)
                 for arr, qtype in ((a, types[2 * i]), (b, types[2 * i + 1])):
@@ -254,6 +270,7 @@ def convert(adapter: str | Path, base: str | Path | None = None, output: str | P
                 if progress:
                     progress(i + 1, len(planned), p.gguf_name)
             writer.close()
+            expect_size(tmp, expected)
         except BaseException:
             for f in writer.fout or []:
                 f.close()

@@ -37,17 +37,28 @@ def atomic_output(out: Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual mode
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, out)
     except OSError as e:
         tmp_path.unlink(missing_ok=True)
-        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, None):  # None: a short write (numpy's tofile)
             raise OutputError(f"Writing {out} failed: {os.strerror(e.errno)}", "the disk or the file size limit is full",
                               "free space in that folder (nothing was written) and run again") from None
         raise OutputError(f"Writing {out} failed: {e}", "nothing was written", "check the folder's permissions") from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def expect_size(path: Path, expected: int) -> None:
+    """Catch writes that failed silently: numpy's tofile can lose a buffered write error (e.g. disk full)."""
+    size = path.stat().st_size
+    if size != expected:
+        raise OSError(errno.ENOSPC if size < expected else errno.EIO,
+                      f"{path} has {size} bytes where {expected} were written")

@@ -38,6 +38,11 @@ _FEATURES = (
 )
 
 
+def _in_modules_to_save(module: str, cfg: dict[str, Any]) -> bool:
+    """PEFT names modules_to_save by a suffix of the module path (e.g. 'lm_head', 'embed_tokens')."""
+    return any(module == m or module.endswith("." + m) for m in cfg.get("modules_to_save") or [])
+
+
 def get_pattern_key(pattern_keys, key: str) -> str:
     """PEFT's rule: the first pattern that matches the end of the module name at a dot boundary."""
     for pattern in pattern_keys:
@@ -102,6 +107,9 @@ class PeftAdapter:
         full = [n for n in rest if not n.endswith(".bias")]
         if full:
             found.append(("full tensors besides the LoRA pairs", full))
+        saved = [k for m, k in self.base_copies.items() if _in_modules_to_save(m, cfg)]
+        if saved:
+            found.append(("fully trained modules (modules_to_save)", saved))
         if cfg.get("layer_replication"):
             found.append(("layer_replication", ["(adapter_config.json)"]))
         return found
