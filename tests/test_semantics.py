@@ -2,6 +2,8 @@
 llama.cpp's own HF->GGUF converter for the tensor layout (q/k permutation, embedding pair)."""
 from __future__ import annotations
 
+import json
+
 import gguf
 import numpy as np
 import pytest
@@ -106,3 +108,31 @@ def test_q8_0_falls_back_per_tensor(llama_base, tmp_path):
     assert {types[n] for n in types if n.endswith(".lora_a")} == {"Q8_0"}  # rows of 64 or 128
     assert {types[n] for n in types if n.endswith(".lora_b")} == {"F16"}  # rows of 16: not a multiple of 32
 
+
+
+def test_trim_vocab_cuts_embedding_lora_to_the_base_rows(tmp_path):
+    """gemma3's converter drops out-of-vocabulary rows of token_embd (conversion/gemma.py); the embedding
+    LoRA's lora_a (vocab, r) is cut the same way, and an HF-config-only base (rows unknown) is refused."""
+    from gguf_lora.archs import archs
+    from gguf_lora.base import BaseModel
+    from gguf_lora.convert import pair_arrays, plan
+    from gguf_lora.errors import InputError
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "a"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(4, 140)).astype(np.float32), rng.normal(size=(64, 4)).astype(np.float32)
+    save_file({"base_model.model.model.embed_tokens.lora_embedding_A": a,
+               "base_model.model.model.embed_tokens.lora_embedding_B": b}, folder / "adapter_model.safetensors")
+    adapter = load_adapter(folder)
+    base = BaseModel(tmp_path / "b.gguf", "gguf", archs()["gemma3"], 2, 4, 2,
+                     {"token_embd.weight": (128, 64), "output.weight": (128, 64)}, False)
+    _, planned = plan(adapter, base)
+    lora_a, lora_b = pair_arrays(adapter, planned[0], base)
+    np.testing.assert_array_equal(lora_a, a.T[:128])
+    np.testing.assert_array_equal(lora_b, b)
+    base.tensors = None
+    with pytest.raises(InputError, match="known only from the base GGUF"):
+        plan(adapter, base)
