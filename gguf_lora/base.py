@@ -32,17 +32,18 @@ class BaseModel:
     tied_embeddings: bool
     _reader: Any = field(default=None, repr=False)  # GGUFReader, or {gguf name: (safetensors file, key)}
 
-    def read_tensor(self, name: str) -> tuple[np.ndarray, str] | None:
-        """A base tensor as float32 and its stored type, or None when the base gave no weights."""
+    def read_tensor(self, name: str, rows: np.ndarray | None = None) -> tuple[np.ndarray, str] | None:
+        """A 2-D base tensor (or some of its rows) as float32 and its stored type; None without weights."""
         if isinstance(self._reader, gguf.GGUFReader):
             t = next((t for t in self._reader.tensors if t.name == name), None)
             if t is None:
                 return None
-            return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32), t.tensor_type.name
+            data = t.data if rows is None else t.data[rows]  # quantized data is (rows, bytes per row)
+            return gguf.quants.dequantize(data, t.tensor_type).astype(np.float32), t.tensor_type.name
         if isinstance(self._reader, dict) and name in self._reader:
             f, key = self._reader[name]
             st = SafetensorsFile(f)
-            return st.read(key), st.entries[key].dtype
+            return st.read(key, rows), st.entries[key].dtype
         return None
 
     @property

@@ -158,24 +158,28 @@ def plan(adapter: PeftAdapter, base: BaseModel) -> tuple[float, list[PlannedPair
 def check_base_copies(adapter: PeftAdapter, base: BaseModel) -> None:
     """PEFT saves the base's own embed_tokens / lm_head when they are LoRA targets (save_embedding_layers).
     They add nothing when they equal the base; if they differ (resized or trained vocabulary) a LoRA file
-    cannot carry them."""
+    cannot carry them. A sample of rows is compared: a model-sized vocabulary is never loaded whole."""
     name_map = base.arch.name_map(base.n_layers)
     for module, key in adapter.base_copies.items():  # (modules_to_save ones were refused before)
         gguf_name = name_map.get_name(base.arch.normalize_module(module) + ".weight", try_suffixes=(".weight",))
         if gguf_name == "output.weight" and base.tied_embeddings:
             gguf_name = "token_embd.weight"
-        stored = base.read_tensor(gguf_name) if gguf_name else None
-        if stored is None:
-            if base.tensors is None:
-                continue  # a bare config.json: nothing to compare with
+        if base.tensors is None:
+            continue  # a bare config.json: nothing to compare with
+        if gguf_name not in base.tensors:
             raise BaseMismatchError(f"Adapter carries a copy of {module}, which base {base.source} does not have",
                                     "the adapter was trained on another model", "pass the adapter's own base")
-        want, qtype = stored
-        got = adapter.read(key)
-        if got.shape != want.shape:
-            raise UnsupportedError(f"Adapter carries {module} of shape {got.shape}, base {gguf_name} is {want.shape}",
+        shape, want_shape = adapter.shape(key), tuple(base.tensors[gguf_name])
+        if shape != want_shape:
+            raise UnsupportedError(f"Adapter carries {module} of shape {shape}, base {gguf_name} is {want_shape}",
                                    "the vocabulary was resized during training, and a LoRA file cannot add tokens",
                                    "bake it in with 'gguf-lora merge', or pass the base with the resized vocabulary")
+        rows = np.unique(np.linspace(0, shape[0] - 1, num=min(shape[0], 512)).astype(np.int64))
+        stored = base.read_tensor(gguf_name, rows)
+        if stored is None:
+            continue  # shapes known, weights not (should not happen with a GGUF or safetensors base)
+        want, qtype = stored
+        got = adapter.read(key, rows)
         quantized = qtype not in ("F32", "F16", "BF16")
         rel = float(np.linalg.norm(got - want) / max(float(np.linalg.norm(want)), 1e-30))
         if rel > (0.2 if quantized else 1e-2):

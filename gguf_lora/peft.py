@@ -114,18 +114,24 @@ class PeftAdapter:
             found.append(("layer_replication", ["(adapter_config.json)"]))
         return found
 
-    def read(self, key: str) -> np.ndarray:
-        """A tensor as float32, NaN/Inf refused with the tensor named."""
+    def read(self, key: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """A tensor (or some of its rows) as float32, NaN/Inf refused with the tensor named."""
         if isinstance(self._reader, SafetensorsFile):
-            arr = self._reader.read(key)
+            arr = self._reader.read(key, rows)
         else:
-            arr = self._reader[key].float().numpy()
+            t = self._reader[key]
+            arr = (t if rows is None else t[rows]).float().numpy()
         if not np.isfinite(arr).all():
             bad = int((~np.isfinite(arr)).sum())
             raise AdapterError(f"Tensor {key} of {self.weights_file} holds {bad} NaN/Inf values",
                                "the adapter's training diverged or the file is damaged",
                                "use a checkpoint from before the divergence")
         return arr
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if isinstance(self._reader, SafetensorsFile):
+            return self._reader.entries[key].shape
+        return tuple(self._reader[key].shape)
 
     def content_hash(self) -> str:
         h = hashlib.sha256()

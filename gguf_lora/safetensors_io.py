@@ -70,13 +70,15 @@ class SafetensorsFile:
             self.entries[name] = TensorEntry(name, dtype, shape, start, end)
         self._mmap: np.memmap | None = None
 
-    def read(self, name: str) -> np.ndarray:
-        """The tensor as float32 (a copy; the file stays untouched)."""
+    def read(self, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """The tensor (or some of its rows) as float32: a copy; the file stays untouched."""
         e = self.entries[name]
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         raw = self._mmap[self._data_start + e.start:self._data_start + e.end]
         arr = raw.view(_DTYPES[e.dtype]).reshape(e.shape)
+        if rows is not None:
+            arr = arr[rows]
         if e.dtype == "BF16":
             return (arr.astype(np.uint32) << 16).view(np.float32)
         return arr.astype(np.float32)

@@ -276,3 +276,19 @@ def test_interruption_mid_write_leaves_nothing(adapter, tmp_path, llama_base, mo
     with pytest.raises(KeyboardInterrupt):
         convert_mod.convert(adapter, llama_base[1], tmp_path / "o.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("change,needle", [("scaled", "differs from the base"), ("resized", "resized")])
+def test_saved_embedding_copy_must_equal_the_base(llama_base, tmp_path, change, needle):
+    """PEFT saves embed_tokens next to an embedding LoRA; a trained or resized one cannot go into a LoRA file."""
+    a = tiny.make_adapter(llama_base[0], tmp_path / "emb", r=4, target_modules=["embed_tokens", "q_proj"])
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+
+    def edit(t):
+        t[key] = t[key] * 1.5 if change == "scaled" else np.concatenate([t[key], t[key][:4]])
+
+    assert runner.invoke(app, ["convert", str(a), "--base", str(llama_base[1]), "-o",
+                               str(tmp_path / "ok.gguf")]).exit_code == 0
+    edit_tensors(a, edit)
+    run_fails(["convert", a, "--base", llama_base[1], "-o", tmp_path / "o.gguf"], "embed_tokens", needle,
+              out=tmp_path / "o.gguf")
