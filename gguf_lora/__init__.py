@@ -2,8 +2,9 @@
 __version__ = "0.1.0"
 
 from .convert import ConvertResult, convert  # noqa: E402
+from .merge import MergeResult, merge, quantize  # noqa: E402
 from .errors import (AdapterError, BaseMismatchError, GgufLoraError, InputError, OutputError,  # noqa: E402
                      UnsupportedError)
 
-__all__ = ["convert", "ConvertResult", "GgufLoraError", "InputError", "AdapterError", "UnsupportedError",
+__all__ = ["convert", "ConvertResult", "merge", "quantize", "MergeResult", "GgufLoraError", "InputError", "AdapterError", "UnsupportedError",
            "BaseMismatchError", "OutputError", "__version__"]

@@ -31,7 +31,7 @@ def _progress(enabled: bool):
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=Console(stderr=True), transient=True)
-    task = bar.add_task("converting", total=None)
+    task = bar.add_task("working", total=None)
 
     def update(done: int, total: int, name: str) -> None:
         bar.update(task, completed=done, total=total, description=name)
@@ -53,15 +53,7 @@ def convert(
     """Convert a PEFT LoRA adapter into a GGUF LoRA for llama.cpp / llama-server / Ollama."""
     from .convert import convert as do_convert
 
-    bar, update = _progress(not as_json)
-    try:
-        if bar:
-            with bar:
-                result = do_convert(adapter, base, output, outtype, force, progress=update)
-        else:
-            result = do_convert(adapter, base, output, outtype, force)
-    except GgufLoraError as e:
-        _fail(e)
+    result = _run_with_progress(as_json, do_convert, adapter, base, output, outtype, force)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -73,6 +65,59 @@ def convert(
                    "(rsLoRA / rank_pattern / alpha_pattern)")
     if not result.shapes_validated:
         typer.echo("  note: the base gave no tensor shapes (config.json only); shapes were not checked")
+
+
+def _run_with_progress(as_json: bool, fn, *args):
+    bar, update = _progress(not as_json)
+    try:
+        if bar:
+            with bar:
+                return fn(*args, progress=update)
+        return fn(*args)
+    except GgufLoraError as e:
+        _fail(e)
+
+
+def _print_merge(result, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    types = ", ".join(f"{n} {t}" for t, n in sorted(result.types.items(), key=lambda kv: -kv[1]))
+    typer.echo(f"wrote {result.output}: {result.arch}, {result.tensors} tensors ({types}), "
+               f"{result.merged_tensors} merged, {result.bytes:,} bytes")
+    for a in result.adapters:
+        typer.echo(f"  merged {a['adapter']} at scale {a['scale']:g} (sha256 {a['sha256'][:12]})")
+
+
+@app.command()
+def merge(
+    adapters: list[str] = typer.Argument(..., help="PEFT folders or GGUF LoRAs, each optionally :SCALE."),
+    base: Path = typer.Option(..., "--base", "-b", help="Base model GGUF (any type, quantized included)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .gguf."),
+    outtype: str = typer.Option("same", "--outtype", help="same (keep each tensor's type), f32, f16, bf16, q8_0, "
+                                                           "q4_0, q4_1, q5_0, q5_1."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+) -> None:
+    """Bake adapters into a base GGUF in one streaming pass, typed as llama-quantize would."""
+    from .merge import merge as do_merge, parse_adapter_arg
+
+    _print_merge(_run_with_progress(as_json, do_merge, base, [parse_adapter_arg(a) for a in adapters], output,
+                                    outtype, force), as_json)
+
+
+@app.command()
+def quantize(
+    source: Path = typer.Argument(..., help="Input GGUF model."),
+    output: Path = typer.Argument(..., help="Output .gguf."),
+    outtype: str = typer.Argument(..., help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+) -> None:
+    """Re-type a GGUF model exactly as llama-quantize does (no imatrix)."""
+    from .merge import quantize as do_quantize
+
+    _print_merge(_run_with_progress(as_json, do_quantize, source, output, outtype, force), as_json)
 
 
 @app.command()

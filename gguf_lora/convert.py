@@ -17,7 +17,8 @@ from . import __version__
 from .archs import permute_rows
 from .base import BaseModel, load_base
 from .errors import AdapterError, BaseMismatchError, GgufLoraError, InputError, UnsupportedError
-from .output import atomic_output, check_output, expect_size
+from .output import TensorSpec, atomic_output, check_output, write_gguf
+from .quants import encode
 from .peft import LoraPair, PeftAdapter, load_adapter
 
 OUTTYPES = {
@@ -93,9 +94,13 @@ def resolve_base(adapter: PeftAdapter, base: str | Path | None) -> BaseModel:
                      "pass --base BASE.gguf (the model you run) or --base HF_MODEL_FOLDER")
 
 
-def plan(adapter: PeftAdapter, base: BaseModel) -> tuple[float, list[PlannedPair]]:
-    """Validate every pair against the base and decide names, transforms and the file alpha."""
-    _unsupported_message(adapter)
+def plan(adapter: PeftAdapter, base: BaseModel, merging: bool = False) -> tuple[float, list[PlannedPair]]:
+    """Validate every pair against the base and decide names, transforms and the file alpha.
+
+    merging: the pairs are baked into the weights, so a tied base is no obstacle where the architecture
+    has a slot for a separate output tensor (an lm_head pair then lands on a new output.weight)."""
+    if not merging:
+        _unsupported_message(adapter)
     arch = base.arch
     name_map = arch.name_map(base.n_layers)
     alpha = float(adapter.config["lora_alpha"])
@@ -104,7 +109,15 @@ def plan(adapter: PeftAdapter, base: BaseModel) -> tuple[float, list[PlannedPair
         module = arch.normalize_module(pair.module)
         leaf = module.rsplit(".", 1)[-1]
         gguf_name = name_map.get_name(module + ".weight", try_suffixes=(".weight",))
-        if base.tied_embeddings and (leaf == "lm_head" or gguf_name in ("output.weight", "token_embd.weight")):
+        untie = merging and arch.output_slot
+        if leaf == "lm_head" and untie:
+            gguf_name = "output.weight"
+        if base.tied_embeddings and not untie and (leaf == "lm_head" or
+                                                   gguf_name in ("output.weight", "token_embd.weight")):
+            if merging:
+                raise UnsupportedError(f"Adapter trains {pair.module}, and {arch.name} always ties its output "
+                                       "projection to token_embd in llama.cpp", "PEFT changes only one of them, so "
+                                       "no merged file can behave the same", "retrain without embed_tokens / lm_head")
             raise UnsupportedError(f"Adapter trains {pair.module}, and base {base.source} ties its output projection "
                                    "to token_embd", "llama.cpp would apply an embedding or lm_head LoRA to both "
                                    "(llama-server aborts on such a file) while PEFT changes only one",
@@ -126,11 +139,14 @@ def plan(adapter: PeftAdapter, base: BaseModel) -> tuple[float, list[PlannedPair
         if pair.embedding:
             a_shape = (a_shape[1], a_shape[0])  # llama.cpp reads token_embd.lora_a as (vocab, r)
         if base.tensors is not None:
-            if gguf_name not in base.tensors:
+            if gguf_name == "output.weight" and base.tied_embeddings and untie:
+                want = base.tensors["token_embd.weight"]
+            elif gguf_name not in base.tensors:
                 raise BaseMismatchError(f"Adapter targets {pair.module} ({gguf_name}), which base {base.source} "
                                         "does not have", "the adapter was trained on another model",
                                         "pass the adapter's own base")
-            want = base.tensors[gguf_name]
+            else:
+                want = base.tensors[gguf_name]
             if pair.embedding:
                 vocab, dim = want
                 if "trim_vocab" in transforms and a_shape[0] > vocab:
@@ -217,14 +233,6 @@ def tensor_type(shape: tuple[int, ...], outtype: str) -> gguf.GGMLQuantizationTy
     return qtype if shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
 
 
-def encode(arr: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
-    if qtype == gguf.GGMLQuantizationType.F32:
-        return arr
-    if qtype == gguf.GGMLQuantizationType.F16:
-        return arr.astype(np.float16)
-    return gguf.quants.quantize(arr, qtype)
-
-
 def convert(adapter: str | Path, base: str | Path | None = None, output: str | Path | None = None,
             outtype: str = "f16", force: bool = False, progress: Progress | None = None) -> ConvertResult:
     """Convert a PEFT LoRA folder into a GGUF LoRA for `base`; returns what was written."""
@@ -237,48 +245,32 @@ def convert(adapter: str | Path, base: str | Path | None = None, output: str | P
     inputs = [peft.path, peft.weights_file, model.source]
     check_output(out, force, inputs)
 
+    specs = [TensorSpec(p.gguf_name + suffix, shape, tensor_type(shape, outtype))
+             for p in planned for suffix, shape in ((".lora_a", p.a_shape), (".lora_b", p.b_shape))]
+
+    def metadata(writer: gguf.GGUFWriter) -> None:
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        writer.add_name(peft.name)
+        tokens = peft.config.get("alora_invocation_tokens")
+        if tokens:
+            writer.add_key_value(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS, [int(t) for t in tokens],
+                                 gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
+        writer.add_string("gguf_lora.version", __version__)
+        writer.add_string("gguf_lora.source", peft.name)
+        writer.add_string("gguf_lora.source_sha256", peft.content_hash())
+
+    arrays: dict[int, np.ndarray] = {}
+
+    def produce(i: int) -> np.ndarray:
+        if i % 2 == 0:
+            arrays[0], arrays[1] = pair_arrays(peft, planned[i // 2], model)
+        return encode(arrays.pop(i % 2), specs[i].qtype)
+
     with atomic_output(out) as tmp:
-        writer = gguf.GGUFWriter(tmp, model.arch.name, use_temp_file=False)
-        try:
-            writer.add_type(gguf.GGUFType.ADAPTER)
-            writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-            writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-            writer.add_name(peft.name)
-            tokens = peft.config.get("alora_invocation_tokens")
-            if tokens:
-                writer.add_key_value(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS, [int(t) for t in tokens],
-                                     gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
-            writer.add_string("gguf_lora.version", __version__)
-            writer.add_string("gguf_lora.source", peft.name)
-            writer.add_string("gguf_lora.source_sha256", peft.content_hash())
-            types = []
-            for p in planned:
-                for suffix, shape in ((".lora_a", p.a_shape), (".lora_b", p.b_shape)):
-                    qtype = tensor_type(shape, outtype)
-                    nbytes = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
-                    writer.add_tensor_info(p.gguf_name + suffix, nbytes, np.dtype(np.uint8),
-                                           int(np.prod(nbytes)), raw_dtype=qtype)
-                    types.append(qtype)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            writer.fout[0].flush()
-            align = writer.data_alignment
-            padded = lambda n: -(-n // align) * align  # noqa: E731
-            expected = padded(writer.fout[0].tell()) + sum(padded(t.nbytes) for t in writer.tensors[0].values())
-            for i, p in enumerate(planned):
-                a, b = pair_arrays(peft, p, model)
-                for arr, qtype in ((a, types[2 * i]), (b, types[2 * i + 1])):
-                    writer.write_tensor_data(encode(arr, qtype).view(np.uint8).reshape(-1)
-                                             .reshape(gguf.quants.quant_shape_to_byte_shape(arr.shape, qtype)))
-                if progress:
-                    progress(i + 1, len(planned), p.gguf_name)
-            writer.close()
-            expect_size(tmp, expected)
-        except BaseException:
-            for f in writer.fout or []:
-                f.close()
-            raise
+        write_gguf(tmp, model.arch.name, metadata, specs, produce,
+                   (lambda i, n, name: progress((i + 1) // 2, len(planned), name)) if progress else None)
     return ConvertResult(
         output=str(out), arch=model.arch.name, tensors=2 * len(planned),
         ranks=sorted({p.pair.rank for p in planned}), alpha=alpha, bytes=out.stat().st_size, outtype=outtype,

@@ -7,7 +7,11 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import gguf
+import numpy as np
 
 from .errors import OutputError
 
@@ -62,3 +66,39 @@ def expect_size(path: Path, expected: int) -> None:
     if size != expected:
         raise OSError(errno.ENOSPC if size < expected else errno.EIO,
                       f"{path} has {size} bytes where {expected} were written")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]  # numpy order, rows first
+    qtype: gguf.GGMLQuantizationType
+
+
+def write_gguf(path: Path, arch: str, metadata: Callable[[gguf.GGUFWriter], None], specs: list[TensorSpec],
+               produce: Callable[[int], np.ndarray], progress: Callable[[int, int, str], None] | None = None) -> None:
+    """Stream a GGUF: header and tensor table first, then one tensor at a time from produce(i), which
+    returns that tensor's bytes (any array of the right size). Peak memory is one tensor, not a model."""
+    writer = gguf.GGUFWriter(path, arch, use_temp_file=False)
+    try:
+        metadata(writer)
+        for spec in specs:
+            shape = gguf.quants.quant_shape_to_byte_shape(spec.shape, spec.qtype)
+            writer.add_tensor_info(spec.name, shape, np.dtype(np.uint8), int(np.prod(shape)), raw_dtype=spec.qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.fout[0].flush()
+        align = writer.data_alignment
+        padded = lambda n: -(-n // align) * align  # noqa: E731
+        expected = padded(writer.fout[0].tell()) + sum(padded(t.nbytes) for t in writer.tensors[0].values())
+        for i, spec in enumerate(specs):
+            writer.write_tensor_data(np.ascontiguousarray(produce(i)).view(np.uint8).reshape(-1))
+            if progress:
+                progress(i + 1, len(specs), spec.name)
+        writer.close()
+        expect_size(path, expected)
+    except BaseException:
+        for f in writer.fout or []:
+            f.close()
+        raise

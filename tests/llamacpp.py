@@ -33,6 +33,28 @@ def lora_to_gguf(adapter: Path, hf_base: Path, out: Path, outtype: str = "f32") 
     return out
 
 
+def llama_quantize(source: Path, out: Path, outtype: str) -> Path:
+    proc = subprocess.run([str(find_tool("llama-quantize")), str(source), str(out), outtype.upper()],
+                          capture_output=True, text=True, errors="replace")
+    assert proc.returncode == 0, f"llama-quantize failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+    return out
+
+
+def assert_same_tensors(ours: Path, theirs: Path) -> None:
+    """Same tensor names, types and bytes (metadata may differ: provenance keys)."""
+    import gguf
+    import numpy as np
+
+    a = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+    for name in a:
+        assert a[name].tensor_type == b[name].tensor_type, (name, a[name].tensor_type.name, b[name].tensor_type.name)
+        x, y = np.asarray(a[name].data).view(np.uint8), np.asarray(b[name].data).view(np.uint8)
+        if not np.array_equal(x, y):
+            raise AssertionError(f"{name} ({a[name].tensor_type.name}): {int((x != y).sum())} of {x.size} bytes differ")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,0 +1,221 @@
+"""Base GGUF (+ adapters) -> merged GGUF in one streaming pass, typed and quantized as llama-quantize would.
+
+Each adapter contributes, per base tensor, factor * lora_b @ lora_a in llama.cpp's layout, the same pairs
+`convert` writes (PEFT folders go through the same plan and transforms) or a GGUF LoRA's own pairs.
+W' = W + Σ factor_i · B_i A_i is computed in float32, one tensor at a time, then encoded.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+
+from . import __version__
+from .base import BaseModel, is_gguf, read_gguf_base
+from .convert import Progress, pair_arrays, plan
+from .errors import AdapterError, BaseMismatchError, InputError, UnsupportedError
+from .output import TensorSpec, atomic_output, check_output, write_gguf
+from .peft import load_adapter
+from .quants import WRITABLE, decode, encode
+from .typerules import OUTTYPES, target_type
+
+Q = gguf.GGMLQuantizationType
+Pair = Callable[[], tuple[np.ndarray, np.ndarray]]  # -> (lora_a, lora_b) in llama.cpp's layout
+
+
+@dataclass
+class Contribution:
+    adapter: str
+    factor: float  # user scale * alpha / rank (or the user scale when alpha is 0)
+    load: Pair
+
+
+@dataclass
+class MergeResult:
+    output: str
+    arch: str
+    outtype: str
+    tensors: int
+    merged_tensors: int
+    adapters: list[dict] = field(default_factory=list)
+    types: dict[str, int] = field(default_factory=dict)
+    bytes: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_adapter_arg(arg: str) -> tuple[Path, float]:
+    """'path' or 'path:scale' (a path may itself hold colons: only a numeric last part is a scale)."""
+    head, sep, tail = arg.rpartition(":")
+    if sep:
+        try:
+            return Path(head), float(tail)
+        except ValueError:
+            pass
+    return Path(arg), 1.0
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _gguf_lora(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, Contribution], str]:
+    reader = gguf.GGUFReader(path)
+    field_ = lambda k, d=None: reader.fields[k].contents() if k in reader.fields else d  # noqa: E731
+    if field_("general.type") != "adapter" or field_("adapter.type") != "lora":
+        raise InputError(f"{path} is not a GGUF LoRA adapter", "", "pass a PEFT folder or a file from gguf-lora convert")
+    if field_("general.architecture") != base.arch.name:
+        raise BaseMismatchError(f"Adapter {path} is for {field_('general.architecture')}, base is {base.arch.name}",
+                                "llama.cpp refuses a LoRA of another architecture", "pass the adapter's own base")
+    alpha = float(field_("adapter.lora.alpha", 0.0))
+    tensors = {t.name: t for t in reader.tensors}
+    out = {}
+    for name, t in tensors.items():
+        if not name.endswith(".lora_a"):
+            continue
+        target = name[: -len(".lora_a")]
+        tb = tensors.get(target + ".lora_b")
+        if tb is None:
+            raise AdapterError(f"{path}: {name} has no lora_b", "the file is incomplete", "convert the adapter again")
+        a_shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        b_shape = tuple(int(d) for d in reversed(tb.shape.tolist()))
+        rank = b_shape[1]
+        want = base.tensors.get(target) or (base.tensors.get("token_embd.weight") if target == "output.weight" else None)
+        got = (a_shape[0], b_shape[0]) if target == "token_embd.weight" else (b_shape[0], a_shape[1])
+        if want is None or tuple(want) != got:
+            raise BaseMismatchError(f"Adapter {path} pair {target} has shape {got}, base has "
+                                    f"{tuple(want) if want else 'no such tensor'}", "the adapter is for another model",
+                                    "pass the adapter's own base")
+        load = lambda ta=t, tb=tb: (decode(ta.data, ta.tensor_type), decode(tb.data, tb.tensor_type))  # noqa: E731
+        out[target] = Contribution(path.name, scale * (alpha / rank if alpha else 1.0), load)
+    return out, _sha256(path)
+
+
+def _peft(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, Contribution], str]:
+    adapter = load_adapter(path)
+    features = adapter.unsupported_features()
+    if features:
+        feature, names = features[0]
+        raise UnsupportedError(f"Adapter {path} has {feature}, e.g. {names[0]}", "gguf-lora merge does not bake "
+                               "that in yet", "merge it in PyTorch (merge_and_unload) and convert the model")
+    alpha, planned = plan(adapter, base, merging=True)
+    out = {}
+    for p in planned:
+        load = lambda p=p: pair_arrays(adapter, p, base)  # noqa: E731
+        out[p.gguf_name] = Contribution(path.name, scale * (alpha / p.pair.rank if alpha else 1.0), load)
+    return out, adapter.content_hash()
+
+
+def _delta(name: str, c: Contribution) -> np.ndarray:
+    a, b = c.load()
+    return (a @ b.T) if name == "token_embd.weight" else (b @ a)
+
+
+def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: str | Path, outtype: str = "same",
+          force: bool = False, progress: Progress | None = None) -> MergeResult:
+    """Bake adapters (PEFT folders or GGUF LoRAs, each with a scale) into base and write it as outtype."""
+    if outtype != "same" and outtype not in OUTTYPES:
+        raise InputError(f"Unknown output type {outtype!r}", "", f"choose one of same, {', '.join(OUTTYPES)}")
+    base = Path(base)
+    if not base.is_file() or not is_gguf(base):
+        raise InputError(f"Base {base} is not a GGUF file", "merge reads and writes llama.cpp model files",
+                         "convert the base with llama.cpp's convert_hf_to_gguf.py first")
+    model = read_gguf_base(base)
+    reader: gguf.GGUFReader = model._reader
+    out = Path(output)
+    check_output(out, force, [base, *(Path(a) for a, _ in adapters)])
+
+    contributions: dict[str, list[Contribution]] = defaultdict(list)
+    provenance = []
+    for path, scale in adapters:
+        path = Path(path)
+        if path.is_file() and is_gguf(path):
+            contrib, digest = _gguf_lora(path, scale, model)
+        else:
+            contrib, digest = _peft(path, scale, model)
+        for name, c in contrib.items():
+            contributions[name].append(c)
+        provenance.append({"adapter": str(path), "scale": scale, "sha256": digest})
+
+    tensors = {t.name: t for t in reader.tensors}
+    order = list(tensors)
+    untie = "output.weight" in contributions and "output.weight" not in tensors
+    if untie or ("token_embd.weight" in contributions and model.tied_embeddings):
+        if not model.arch.output_slot:
+            raise UnsupportedError(f"The adapters change token_embd / lm_head, and {model.arch.name} always ties its "
+                                   "output projection to token_embd in llama.cpp",
+                                   "PEFT changes only one of them, so no merged file can behave the same",
+                                   "retrain without embed_tokens / lm_head targets")
+        order.append("output.weight")  # keep the output projection as it was (or with its own pairs)
+    has_output = "output.weight" in order
+    source = lambda name: tensors["token_embd.weight" if name not in tensors else name]  # noqa: E731
+
+    specs = []
+    for name in order:
+        t = source(name)
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        qtype = t.tensor_type if outtype == "same" else target_type(name, shape, t.tensor_type, outtype, has_output)
+        changed = name in contributions or name not in tensors or qtype != t.tensor_type
+        if changed and qtype not in WRITABLE:
+            raise UnsupportedError(f"Tensor {name} would be written as {qtype.name}, which gguf-lora cannot encode yet",
+                                   "", "choose --outtype f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1")
+        specs.append(TensorSpec(name, shape, qtype))
+
+    def produce(i: int) -> np.ndarray:
+        spec = specs[i]
+        t = source(spec.name)
+        if spec.name in tensors and spec.name not in contributions and spec.qtype == t.tensor_type:
+            return t.data  # untouched: the base's own bytes
+        try:
+            w = decode(t.data, t.tensor_type).reshape(spec.shape)
+        except NotImplementedError:
+            raise UnsupportedError(f"Base tensor {t.name} has type {t.tensor_type.name}, which gguf-lora cannot "
+                                   "dequantize", "", "use a base in F32, F16, BF16 or a common quantized type") from None
+        if spec.name in contributions:
+            w = w.copy() if not w.flags.writeable else w
+            for c in contributions[spec.name]:
+                w += np.float32(c.factor) * _delta(spec.name, c)
+            if not np.isfinite(w).all():
+                raise AdapterError(f"Merging into {spec.name} produced NaN/Inf", "an adapter's weights or scale are "
+                                   "far too large for this tensor", "check the adapter and the scales")
+        return encode(w, spec.qtype)
+
+    def metadata(writer: gguf.GGUFWriter) -> None:
+        for key, f in reader.fields.items():
+            if key.startswith("GGUF.") or key == "general.architecture" or key.startswith("gguf_lora."):
+                continue
+            if outtype != "same" and key in ("general.file_type", "general.quantization_version"):
+                continue
+            value = f.contents()
+            vtype = f.types[0]
+            sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, value, vtype, sub)
+        if outtype != "same":
+            writer.add_file_type(int(OUTTYPES[outtype][0]))
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_string("gguf_lora.version", __version__)
+        if provenance:
+            writer.add_array("gguf_lora.adapters", [p["adapter"] for p in provenance])
+            writer.add_array("gguf_lora.adapter_sha256", [p["sha256"] for p in provenance])
+            writer.add_array("gguf_lora.adapter_scales", [float(p["scale"]) for p in provenance])
+
+    with atomic_output(out) as tmp:
+        write_gguf(tmp, model.arch.name, metadata, specs, produce, progress)
+    return MergeResult(str(out), model.arch.name, outtype, len(specs), sum(s.name in contributions for s in specs),
+                       provenance, dict(Counter(s.qtype.name for s in specs)), out.stat().st_size)
+
+
+def quantize(source: str | Path, output: str | Path, outtype: str, force: bool = False,
+             progress: Progress | None = None) -> MergeResult:
+    """Re-type a GGUF model the way llama-quantize does (no imatrix): the merge path with no adapters."""
+    return merge(source, [], output, outtype, force, progress)

@@ -1,0 +1,122 @@
+"""Encoding float32 tensors into GGUF types, byte for byte as llama.cpp's reference kernels
+(ggml/src/ggml-quants.c, quantize_row_*_ref) write them.
+
+F32/F16/BF16 and the 32-block types come from gguf-py (bit-exact ports of the reference kernels); Q6_K,
+which llama-quantize uses for the output tensor of every legacy-type model, is written here, vectorised
+over all blocks of a tensor. ggml-base is compiled without FMA contraction or fast-math, so evaluating
+each float32 operation in the reference's order reproduces its bytes.
+"""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+
+Q = gguf.GGMLQuantizationType
+QK_K = 256
+GROUP_MAX_EPS = np.float32(1e-15)
+
+
+def block_size(qtype: Q) -> int:
+    return gguf.GGML_QUANT_SIZES[qtype][0]
+
+
+def byte_shape(shape: tuple[int, ...], qtype: Q) -> tuple[int, ...]:
+    return gguf.quants.quant_shape_to_byte_shape(shape, qtype)
+
+
+def _nearest_int(x: np.ndarray) -> np.ndarray:
+    """ggml's nearest_int: round half to even via the 1.5*2^23 trick (valid for |x| < 2^22)."""
+    val = (x.astype(np.float32) + np.float32(12582912.0)).view(np.int32)
+    return (val & 0x007FFFFF) - 0x00400000
+
+
+def _make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL) for many groups at once: x is (groups, n)."""
+    x = x.astype(np.float32)
+    n = x.shape[1]
+    ax = np.abs(x)
+    imax = np.argmax(ax, axis=1)  # first index of the maximum, like the strict '>' scan
+    amax = ax[np.arange(len(x)), imax]
+    vmax = x[np.arange(len(x)), imax]
+    tiny = amax < GROUP_MAX_EPS
+    safe_max = np.where(tiny, np.float32(1), vmax).astype(np.float32)
+    w = x * x
+
+    def attempt(iscale):
+        l = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+        sumlx = np.zeros(len(x), np.float32)
+        suml2 = np.zeros(len(x), np.float32)
+        lf = l.astype(np.float32)
+        for i in range(n):  # sequential float32 sums, as the C loop
+            sumlx = sumlx + w[:, i] * x[:, i] * lf[:, i]
+            suml2 = suml2 + w[:, i] * lf[:, i] * lf[:, i]
+        return l, sumlx, suml2
+
+    iscale = (np.float32(-nmax) / safe_max).astype(np.float32)
+    L, sumlx, suml2 = attempt(iscale)
+    scale = np.where(suml2 != 0, sumlx / np.where(suml2 != 0, suml2, np.float32(1)), np.float32(0)).astype(np.float32)
+    best = (scale * sumlx).astype(np.float32)
+    for is_ in range(-9, 10):
+        if is_ == 0:
+            continue
+        iscale = (-(np.float32(nmax) + np.float32(0.1) * np.float32(is_)) / safe_max).astype(np.float32)
+        l, sx, s2 = attempt(iscale)
+        better = (s2 > 0) & (sx * sx > best * s2)
+        L = np.where(better[:, None], l, L)
+        new_scale = (sx / np.where(s2 > 0, s2, np.float32(1))).astype(np.float32)
+        scale = np.where(better, new_scale, scale)
+        best = np.where(better, (new_scale * sx).astype(np.float32), best)
+    L = np.where(tiny[:, None], 0, L + nmax)
+    scale = np.where(tiny, np.float32(0), scale)
+    return scale.astype(np.float32), L.astype(np.int32)
+
+
+def quantize_q6_k(rows: np.ndarray) -> np.ndarray:
+    """quantize_row_q6_K_ref over every 256-block of a (rows, n) float32 array -> (rows, n/256*210) bytes."""
+    x = rows.astype(np.float32).reshape(-1, QK_K)
+    nb = len(x)
+    scales, L = _make_qx_quants_rmse1(x.reshape(nb * 16, 16), 32)
+    scales = scales.reshape(nb, 16)
+    L = L.reshape(nb, 16, 16)
+    abs_s = np.abs(scales)
+    ib = np.argmax(abs_s, axis=1)
+    max_abs = abs_s[np.arange(nb), ib]
+    max_scale = scales[np.arange(nb), ib]
+    zero = max_abs < GROUP_MAX_EPS
+    iscale = (np.float32(-128.0) / np.where(zero, np.float32(1), max_scale)).astype(np.float32)
+    d16 = (np.float32(1) / iscale).astype(np.float16)
+    sc = np.minimum(127, _nearest_int(iscale[:, None] * scales)).astype(np.int8)
+    d = (d16.astype(np.float32)[:, None] * sc.astype(np.float32)).astype(np.float32)  # (nb, 16)
+    safe_d = np.where(d == 0, np.float32(1), d)
+    l = np.clip(_nearest_int(x.reshape(nb, 16, 16) / safe_d[:, :, None]), -32, 31) + 32
+    L = np.where((d == 0)[:, :, None], L, l).reshape(nb, QK_K).astype(np.uint8)
+    # pack: ql (128 bytes) low nibbles, qh (64 bytes) high 2 bits, as in the reference loop
+    L = L.reshape(nb, 2, 4, 32)  # halves of 128: [l, l+32, l+64, l+96]
+    q1, q2, q3, q4 = (L[:, :, k, :] for k in range(4))
+    ql = np.concatenate([(q1 & 0xF) | ((q3 & 0xF) << 4), (q2 & 0xF) | ((q4 & 0xF) << 4)], axis=2)  # (nb,2,64)
+    qh = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6)  # (nb,2,32)
+    out = np.concatenate([ql.reshape(nb, 128).astype(np.uint8), qh.reshape(nb, 64).astype(np.uint8),
+                          sc.view(np.uint8), d16.view(np.uint8).reshape(nb, 2)], axis=1)
+    out[zero] = 0
+    return out.reshape(rows.shape[0], -1)
+
+
+def encode(arr: np.ndarray, qtype: Q) -> np.ndarray:
+    """float32 (rows, n) -> the type's bytes as a (rows, bytes per row) uint8 array."""
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if qtype == Q.F32:
+        data = arr
+    elif qtype == Q.F16:
+        data = arr.astype(np.float16)
+    elif qtype == Q.Q6_K:
+        data = quantize_q6_k(arr.reshape(-1, arr.shape[-1]))
+    else:
+        data = gguf.quants.quantize(arr, qtype)
+    return data.view(np.uint8).reshape(byte_shape(arr.shape, qtype))
+
+
+def decode(data: np.ndarray, qtype: Q) -> np.ndarray:
+    return gguf.quants.dequantize(data, qtype).astype(np.float32, copy=False)
+
+
+WRITABLE = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q6_K})
