@@ -1,0 +1,53 @@
+"""`gguf-lora quantize` writes the same tensors, types and bytes as llama-quantize (pinned build, no imatrix).
+
+Inputs are tiny models converted by llama.cpp's own convert_hf_to_gguf.py to F32 and F16, with hidden size
+256 so that the output tensor takes llama-quantize's Q6_K path, and with adversarial rows planted in the
+weights: all-zero blocks, constant rows, huge and tiny magnitudes, float32 subnormals, single spikes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny
+from gguf_lora import quantize
+from llamacpp import assert_same_tensors, hf_to_gguf, llama_quantize
+
+pytestmark = pytest.mark.llama_cpp
+
+TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
+
+
+def plant_adversarial(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for i, (name, p) in enumerate(model.named_parameters()):
+            if p.dim() != 2:
+                continue
+            w = p.data
+            w[0, :64] = 0  # all-zero blocks
+            w[1] = 0.37  # a constant row
+            w[2, :32] *= 1e4  # huge block
+            w[3, :48] *= 1e-6  # tiny block
+            w[4, 32:64] = torch.tensor(1e-41)  # float32 subnormals
+            w[5] = 0
+            w[5, 7] = -3.0  # one spike in a zero row
+            if i % 2:
+                w[6, :16] = -w[6, :16].abs()  # a negative-only half block
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma", "phi3"])
+def models(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"quant-{request.param}")
+    model = tiny.make_base(request.param, root / "hf", hidden_size=256, intermediate_size=512, head_dim=64)
+    plant_adversarial(model)
+    model.save_pretrained(root / "hf")
+    return root, {src: hf_to_gguf(root / "hf", root / f"base-{src}.gguf", src) for src in ("f32", "f16")}
+
+
+@pytest.mark.parametrize("outtype", TYPES)
+@pytest.mark.parametrize("src", ["f32", "f16"])
+def test_quantize_is_byte_identical_to_llama_quantize(models, src, outtype):
+    root, bases = models
+    ours = quantize(bases[src], root / f"ours-{src}-{outtype}.gguf", outtype, force=True)
+    theirs = llama_quantize(bases[src], root / f"theirs-{src}-{outtype}.gguf", outtype)
+    assert_same_tensors(ours.output, theirs)
