@@ -183,8 +183,9 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: st
                                    "dequantize", "", "use a base in F32, F16, BF16 or a common quantized type") from None
         if spec.name in contributions:
             w = w.copy() if not w.flags.writeable else w
-            for c in contributions[spec.name]:
-                w += np.float32(c.factor) * _delta(spec.name, c)
+            with np.errstate(over="ignore", invalid="ignore"):  # reported below, naming the tensor
+                for c in contributions[spec.name]:
+                    w += np.float32(c.factor) * _delta(spec.name, c)
             if not np.isfinite(w).all():
                 raise AdapterError(f"Merging into {spec.name} produced NaN/Inf", "an adapter's weights or scale are "
                                    "far too large for this tensor", "check the adapter and the scales")

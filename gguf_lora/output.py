@@ -52,7 +52,7 @@ def atomic_output(out: Path) -> Iterator[Path]:
     except OSError as e:
         tmp_path.unlink(missing_ok=True)
         if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, None):  # None: a short write (numpy's tofile)
-            raise OutputError(f"Writing {out} failed: {os.strerror(e.errno)}", "the disk or the file size limit is full",
+            raise OutputError(f"Writing {out} failed: {os.strerror(e.errno) if e.errno else e}", "the disk or the file size limit is full",
                               "free space in that folder (nothing was written) and run again") from None
         raise OutputError(f"Writing {out} failed: {e}", "nothing was written", "check the folder's permissions") from None
     except BaseException:
