@@ -176,7 +176,10 @@ def check_base_copies(adapter: PeftAdapter, base: BaseModel) -> None:
     They add nothing when they equal the base; if they differ (resized or trained vocabulary) a LoRA file
     cannot carry them. A sample of rows is compared: a model-sized vocabulary is never loaded whole."""
     name_map = base.arch.name_map(base.n_layers)
-    for module, key in adapter.base_copies.items():  # (modules_to_save ones were refused before)
+    replaced = adapter.replacements()  # modules_to_save: trained, not copies (refused by convert, merged by merge)
+    for module, key in adapter.base_copies.items():
+        if module in replaced:
+            continue
         gguf_name = name_map.get_name(base.arch.normalize_module(module) + ".weight", try_suffixes=(".weight",))
         if gguf_name == "output.weight" and base.tied_embeddings:
             gguf_name = "token_embd.weight"

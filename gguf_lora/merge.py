@@ -17,6 +17,7 @@ import numpy as np
 
 from . import __version__
 from .base import BaseModel, is_gguf, read_gguf_base
+from .archs import permute_rows
 from .convert import Progress, pair_arrays, plan
 from .errors import AdapterError, BaseMismatchError, InputError, UnsupportedError
 from .output import TensorSpec, atomic_output, check_output, write_gguf
@@ -30,9 +31,14 @@ Pair = Callable[[], tuple[np.ndarray, np.ndarray]]  # -> (lora_a, lora_b) in lla
 
 @dataclass
 class Contribution:
+    """What one adapter does to one base tensor: add factor * B @ A (DoRA: then rescale each row to the
+    trained magnitude), or replace it outright (modules_to_save)."""
+
     adapter: str
-    factor: float  # user scale * alpha / rank (or the user scale when alpha is 0)
-    load: Pair
+    factor: float = 0.0  # user scale * alpha / rank (or the user scale when alpha is 0)
+    load: Pair | None = None
+    magnitude: Callable[[], np.ndarray] | None = None  # DoRA's m, rows in GGUF order
+    replace: Callable[[], np.ndarray] | None = None  # modules_to_save: the trained weight, GGUF layout
 
 
 @dataclass
@@ -69,7 +75,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _gguf_lora(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, Contribution], str]:
+def _gguf_lora(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, list[Contribution]], str]:
     reader = gguf.GGUFReader(path)
     field_ = lambda k, d=None: reader.fields[k].contents() if k in reader.fields else d  # noqa: E731
     if field_("general.type") != "adapter" or field_("adapter.type") != "lora":
@@ -97,28 +103,77 @@ def _gguf_lora(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, Con
                                     f"{tuple(want) if want else 'no such tensor'}", "the adapter is for another model",
                                     "pass the adapter's own base")
         load = lambda ta=t, tb=tb: (decode(ta.data, ta.tensor_type), decode(tb.data, tb.tensor_type))  # noqa: E731
-        out[target] = Contribution(path.name, scale * (alpha / rank if alpha else 1.0), load)
+        out[target] = [Contribution(path.name, scale * (alpha / rank if alpha else 1.0), load)]
     return out, _sha256(path)
 
 
-def _peft(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, Contribution], str]:
+def _rows_like_b(arr: np.ndarray, transforms: tuple[str, ...], base: BaseModel) -> np.ndarray:
+    """Apply the row transforms of a pair's lora_b (q/k permutation, vocabulary trim) to a full tensor."""
+    for t in transforms:
+        if t == "permute_q":
+            arr = permute_rows(arr, base.n_head)
+        elif t == "permute_k":
+            arr = permute_rows(arr, base.n_head_kv)
+    return arr
+
+
+def _replacement_target(module: str, base: BaseModel) -> tuple[str, tuple[str, ...]]:
+    arch = base.arch
+    module = arch.normalize_module(module)
+    leaf = module.rsplit(".", 1)[-1]
+    if leaf not in arch.lora_targets:
+        raise UnsupportedError(f"Adapter fully trains {module} (modules_to_save)", "gguf-lora merges trained "
+                               f"weights only for {', '.join(sorted(arch.lora_targets))}, whose GGUF layout it knows",
+                               "merge it in PyTorch (merge_and_unload) and convert the model")
+    name = "output.weight" if leaf == "lm_head" else arch.name_map(base.n_layers).get_name(
+        module + ".weight", try_suffixes=(".weight",))
+    if leaf in ("lm_head", "embed_tokens") and base.tied_embeddings and not arch.output_slot:
+        raise UnsupportedError(f"Adapter fully trains {module}, and {arch.name} always ties its output projection "
+                               "to token_embd in llama.cpp", "PEFT changes only one of them",
+                               "retrain without embed_tokens / lm_head in modules_to_save")
+    return name, arch.transforms.get(leaf, ())
+
+
+def _peft(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, list[Contribution]], str]:
     adapter = load_adapter(path)
-    features = adapter.unsupported_features()
+    features = adapter.unsupported_features(merging=True)
     if features:
         feature, names = features[0]
         raise UnsupportedError(f"Adapter {path} has {feature}, e.g. {names[0]}", "gguf-lora merge does not bake "
                                "that in yet", "merge it in PyTorch (merge_and_unload) and convert the model")
-    alpha, planned = plan(adapter, base, merging=True)
-    out = {}
+    out: dict[str, list[Contribution]] = defaultdict(list)
+    for module, key in adapter.replacements().items():
+        name, transforms = _replacement_target(module, base)
+        want = base.tensors.get(name) or base.tensors["token_embd.weight"]
+        if adapter.shape(key) != tuple(want):
+            raise BaseMismatchError(f"Adapter's trained {module} has shape {adapter.shape(key)}, base {name} is "
+                                    f"{tuple(want)}", "the adapter is for another model", "pass the adapter's own base")
+        load = lambda key=key, t=transforms: _rows_like_b(adapter.read(key), t, base)  # noqa: E731
+        out[name].append(Contribution(path.name, replace=load))
+    magnitudes = adapter.magnitudes()
+    alpha, planned = plan(adapter, base, merging=True) if adapter.pairs else (0.0, [])
     for p in planned:
+        mag = None
+        if p.pair.module in magnitudes:
+            if p.pair.embedding:
+                raise UnsupportedError(f"Adapter uses DoRA on {p.pair.module}", "gguf-lora merges DoRA for linear "
+                                       "layers only", "merge it in PyTorch (merge_and_unload) and convert the model")
+            mag = lambda k=magnitudes[p.pair.module], t=p.transforms: _rows_like_b(  # noqa: E731
+                adapter.read(k), t, base)
         load = lambda p=p: pair_arrays(adapter, p, base)  # noqa: E731
-        out[p.gguf_name] = Contribution(path.name, scale * (alpha / p.pair.rank if alpha else 1.0), load)
+        out[p.gguf_name].append(Contribution(path.name, scale * (alpha / p.pair.rank if alpha else 1.0), load, mag))
     return out, adapter.content_hash()
 
 
-def _delta(name: str, c: Contribution) -> np.ndarray:
+def apply(w: np.ndarray, name: str, c: Contribution) -> np.ndarray:
+    """One adapter's effect on one float32 tensor (updated in place where possible)."""
+    if c.replace is not None:
+        return np.array(c.replace(), dtype=np.float32)
     a, b = c.load()
-    return (a @ b.T) if name == "token_embd.weight" else (b @ a)
+    w += np.float32(c.factor) * ((a @ b.T) if name == "token_embd.weight" else (b @ a))
+    if c.magnitude is not None:  # DoRA (PEFT's merge): W' = m / ||W + s·BA||_row · (W + s·BA)
+        w *= (c.magnitude() / np.linalg.norm(w, axis=1)).astype(np.float32)[:, None]
+    return w
 
 
 def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: str | Path, outtype: str = "same",
@@ -143,8 +198,8 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: st
             contrib, digest = _gguf_lora(path, scale, model)
         else:
             contrib, digest = _peft(path, scale, model)
-        for name, c in contrib.items():
-            contributions[name].append(c)
+        for name, cs in contrib.items():
+            contributions[name].extend(cs)
         provenance.append({"adapter": str(path), "scale": scale, "sha256": digest})
 
     tensors = {t.name: t for t in reader.tensors}
@@ -185,7 +240,7 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: st
             w = w.copy() if not w.flags.writeable else w
             with np.errstate(over="ignore", invalid="ignore"):  # reported below, naming the tensor
                 for c in contributions[spec.name]:
-                    w += np.float32(c.factor) * _delta(spec.name, c)
+                    w = apply(w, spec.name, c)
             if not np.isfinite(w).all():
                 raise AdapterError(f"Merging into {spec.name} produced NaN/Inf", "an adapter's weights or scale are "
                                    "far too large for this tensor", "check the adapter and the scales")

@@ -24,6 +24,8 @@ CONFIG = "adapter_config.json"
 SAFETENSORS = "adapter_model.safetensors"
 PICKLE = "adapter_model.bin"
 
+_MAGNITUDE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
+_FULL = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)(?:\.modules_to_save\.[^.]+)?\.weight$")
 _PAIR = re.compile(r"^(?P<module>.+)\.lora_(?P<emb>embedding_)?(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
 _PREFIXES = ("base_model.model.",)
 # PEFT's save_embedding_layers writes the base model's own embedding / output weights beside the pairs.
@@ -89,17 +91,37 @@ class PeftAdapter:
     def name(self) -> str:
         return self.path.name
 
-    def unsupported_features(self) -> list[tuple[str, list[str]]]:
-        """Features present that a plain GGUF LoRA cannot express, each with the tensors that show it."""
+    def magnitudes(self) -> dict[str, str]:
+        """DoRA: module -> key of its lora_magnitude_vector."""
+        out = {}
+        for key in self.others:
+            m = _MAGNITUDE.match(key)
+            if m:
+                out[m.group("module")] = key
+        return out
+
+    def replacements(self) -> dict[str, str]:
+        """modules_to_save: module -> key of the fully trained weight that replaces the base's."""
+        out = {m: k for m, k in self.base_copies.items() if _in_modules_to_save(m, self.config)}
+        for key in self.others:
+            m = _FULL.match(key)
+            if m and _in_modules_to_save(m.group("module"), self.config):
+                out[m.group("module")] = key
+        return out
+
+    def unsupported_features(self, merging: bool = False) -> list[tuple[str, list[str]]]:
+        """Features present that a plain GGUF LoRA cannot express (or, merging, that merge cannot bake in),
+        each with the tensors that show it."""
         found = []
         cfg = self.config
+        handled = set(self.magnitudes().values()) | set(self.replacements().values()) if merging else set()
         for feature, rx in _FEATURES:
-            names = [n for n in self.others if rx.search(n)]
-            if feature.startswith("DoRA") and cfg.get("use_dora") and not names:
+            names = [n for n in self.others if rx.search(n) and n not in handled]
+            if feature.startswith("DoRA") and cfg.get("use_dora") and not names and not merging:
                 names = ["(use_dora in adapter_config.json)"]
             if names:
                 found.append((feature, names))
-        claimed = {n for _, names in found for n in names}
+        claimed = {n for _, names in found for n in names} | handled
         rest = [n for n in self.others if n not in claimed]
         biases = [n for n in rest if n.endswith(".bias")]
         if biases:
@@ -107,7 +129,7 @@ class PeftAdapter:
         full = [n for n in rest if not n.endswith(".bias")]
         if full:
             found.append(("full tensors besides the LoRA pairs", full))
-        saved = [k for m, k in self.base_copies.items() if _in_modules_to_save(m, cfg)]
+        saved = [k for m, k in self.base_copies.items() if _in_modules_to_save(m, cfg) and k not in handled]
         if saved:
             found.append(("fully trained modules (modules_to_save)", saved))
         if cfg.get("layer_replication"):

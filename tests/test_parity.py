@@ -193,3 +193,28 @@ def test_merged_embedding_lora_on_tied_base(env, tmp_path):
     finally:
         server.stop()
     compare(steps, torch_logprobs(tiny.load_peft_model(env.hf, env.adapters["embedding"]), steps), TOL)
+
+
+@pytest.mark.parametrize("feature", ["dora", "modules_to_save"])
+def test_merge_bakes_in_what_a_lora_file_cannot(env, feature, tmp_path):
+    """DoRA (PEFT's magnitude / row-norm merge) and modules_to_save (full replacement), through
+    llama-server, against PEFT loading the same folder."""
+    from gguf_lora import merge
+
+    lm_head = [] if env.arch in tiny.TIED else ["lm_head"]
+    lora = dict(use_dora=True) if feature == "dora" else dict(modules_to_save=lm_head or None,
+                                                              target_modules=_attn(env.arch))
+    if feature == "modules_to_save" and not lm_head:
+        lora["modules_to_save"] = [_attn(env.arch)[-1]]  # o_proj trained fully, LoRA on the rest
+        lora["target_modules"] = _attn(env.arch)[:-1]
+    folder = tiny.make_adapter(env.hf, tmp_path / feature, seed=7, r=4, lora_alpha=8, **lora)
+    merged = merge(env.base_gguf, [(folder, 1.0)], tmp_path / "m.gguf", "f32")
+    server = Server(merged.output, [], tmp_path / "server.log")
+    try:
+        steps = server.complete(PROMPT, {})
+    finally:
+        server.stop()
+    model = tiny.load_peft_model(env.hf, folder)
+    compare(steps, torch_logprobs(model, steps), TOL)
+    bare = torch_logprobs(env.base_model, steps)
+    assert (torch_logprobs(model, steps) - bare).abs().max().item() > 20 * TOL
