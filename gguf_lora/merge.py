@@ -7,6 +7,7 @@ W' = W + Σ factor_i · B_i A_i is computed in float32, one tensor at a time, th
 from __future__ import annotations
 
 import hashlib
+import mmap
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from .convert import Progress, pair_arrays, plan
 from .errors import AdapterError, BaseMismatchError, InputError, UnsupportedError
 from .output import TensorSpec, atomic_output, check_output, write_gguf
 from .peft import load_adapter
-from .quants import WRITABLE, decode, encode
+from .quants import WRITABLE, decode, encode_rows
 from .typerules import OUTTYPES, target_type
 
 Q = gguf.GGMLQuantizationType
@@ -165,14 +166,34 @@ def _peft(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, list[Con
     return out, adapter.content_hash()
 
 
-def apply(w: np.ndarray, name: str, c: Contribution) -> np.ndarray:
-    """One adapter's effect on one float32 tensor (updated in place where possible)."""
+@dataclass
+class Prepared:
+    """A contribution with its small arrays loaded once per tensor; applied a slice of rows at a time."""
+
+    b_scaled: np.ndarray | None = None  # factor * lora_b (rows = the tensor's rows; token_embd: columns)
+    a: np.ndarray | None = None
+    magnitude: np.ndarray | None = None
+    replace: np.ndarray | None = None
+
+
+def prepare(c: Contribution) -> Prepared:
     if c.replace is not None:
-        return np.array(c.replace(), dtype=np.float32)
+        return Prepared(replace=c.replace())
     a, b = c.load()
-    w += np.float32(c.factor) * ((a @ b.T) if name == "token_embd.weight" else (b @ a))
-    if c.magnitude is not None:  # DoRA (PEFT's merge): W' = m / ||W + s·BA||_row · (W + s·BA)
-        w *= (c.magnitude() / np.linalg.norm(w, axis=1)).astype(np.float32)[:, None]
+    with np.errstate(over="ignore", invalid="ignore"):  # an absurd scale is reported as NaN/Inf per tensor
+        return Prepared(b * np.float32(c.factor), a, c.magnitude() if c.magnitude else None)
+
+
+def apply_rows(w: np.ndarray, sl: slice, name: str, p: Prepared) -> np.ndarray:
+    """One adapter's effect on rows sl of a float32 tensor (updated in place where possible)."""
+    if p.replace is not None:
+        return np.array(p.replace[sl], dtype=np.float32)
+    if name == "token_embd.weight":  # lora_a is (vocab, r): its rows are the tensor's rows
+        w += p.a[sl] @ p.b_scaled.T
+    else:
+        w += p.b_scaled[sl] @ p.a
+    if p.magnitude is not None:  # DoRA (PEFT's merge): W' = m / ||W + s·BA||_row · (W + s·BA)
+        w *= (p.magnitude[sl] / np.linalg.norm(w, axis=1)).astype(np.float32)[:, None]
     return w
 
 
@@ -226,25 +247,45 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: st
                                    "", "choose --outtype f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1")
         specs.append(TensorSpec(name, shape, qtype))
 
+    page = mmap.PAGESIZE
+
+    def release(t) -> None:
+        """Drop the base's pages of a tensor already used: they are file-backed and would otherwise count
+        towards the process's resident memory until the whole model is mapped."""
+        start = t.data_offset - t.data_offset % page
+        try:
+            reader.data._mmap.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
+        except (AttributeError, OSError, ValueError):
+            pass  # no madvise on this platform: only the RSS figure suffers
+
     def produce(i: int) -> np.ndarray:
         spec = specs[i]
+        if i:
+            release(source(specs[i - 1].name))
         t = source(spec.name)
         if spec.name in tensors and spec.name not in contributions and spec.qtype == t.tensor_type:
             return t.data  # untouched: the base's own bytes
         try:
-            w = decode(t.data, t.tensor_type).reshape(spec.shape)
+            decode(t.data[:1], t.tensor_type)
         except NotImplementedError:
             raise UnsupportedError(f"Base tensor {t.name} has type {t.tensor_type.name}, which gguf-lora cannot "
                                    "dequantize", "", "use a base in F32, F16, BF16 or a common quantized type") from None
-        if spec.name in contributions:
-            w = w.copy() if not w.flags.writeable else w
-            with np.errstate(over="ignore", invalid="ignore"):  # reported below, naming the tensor
-                for c in contributions[spec.name]:
-                    w = apply(w, spec.name, c)
-            if not np.isfinite(w).all():
-                raise AdapterError(f"Merging into {spec.name} produced NaN/Inf", "an adapter's weights or scale are "
-                                   "far too large for this tensor", "check the adapter and the scales")
-        return encode(w, spec.qtype)
+        prepared = [prepare(c) for c in contributions.get(spec.name, [])]
+        data = t.data.reshape(-1, t.data.shape[-1]) if t.data.ndim > 1 else t.data.reshape(1, -1)
+
+        def rows(sl: slice) -> np.ndarray:
+            w = decode(data[sl], t.tensor_type).reshape(-1, spec.shape[-1])
+            if prepared:
+                w = w if w.flags.writeable and w.base is None else w.copy()
+                with np.errstate(over="ignore", invalid="ignore"):  # reported below, naming the tensor
+                    for p in prepared:
+                        w = apply_rows(w, sl, spec.name, p)
+                if not np.isfinite(w).all():
+                    raise AdapterError(f"Merging into {spec.name} produced NaN/Inf", "an adapter's weights or scale "
+                                       "are far too large for this tensor", "check the adapter and the scales")
+            return w
+
+        return encode_rows(spec.shape, spec.qtype, rows)
 
     def metadata(writer: gguf.GGUFWriter) -> None:
         for key, f in reader.fields.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from dataclasses import dataclass
@@ -78,7 +79,8 @@ class TensorSpec:
 def write_gguf(path: Path, arch: str, metadata: Callable[[gguf.GGUFWriter], None], specs: list[TensorSpec],
                produce: Callable[[int], np.ndarray], progress: Callable[[int, int, str], None] | None = None) -> None:
     """Stream a GGUF: header and tensor table first, then one tensor at a time from produce(i), which
-    returns that tensor's bytes (any array of the right size). Peak memory is one tensor, not a model."""
+    returns that tensor's bytes (any array of the right size). The next tensor is produced while the
+    current one is written: peak memory is two tensors, not a model."""
     writer = gguf.GGUFWriter(path, arch, use_temp_file=False)
     try:
         metadata(writer)
@@ -92,10 +94,15 @@ def write_gguf(path: Path, arch: str, metadata: Callable[[gguf.GGUFWriter], None
         align = writer.data_alignment
         padded = lambda n: -(-n // align) * align  # noqa: E731
         expected = padded(writer.fout[0].tell()) + sum(padded(t.nbytes) for t in writer.tensors[0].values())
-        for i, spec in enumerate(specs):
-            writer.write_tensor_data(np.ascontiguousarray(produce(i)).view(np.uint8).reshape(-1))
-            if progress:
-                progress(i + 1, len(specs), spec.name)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gguf-lora-produce") as ahead:
+            pending = ahead.submit(produce, 0) if specs else None
+            for i, spec in enumerate(specs):
+                data = pending.result()  # tensor i; tensor i+1 is computed while this one is written
+                pending = ahead.submit(produce, i + 1) if i + 1 < len(specs) else None
+                writer.write_tensor_data(np.ascontiguousarray(data).view(np.uint8).reshape(-1))
+                del data
+                if progress:
+                    progress(i + 1, len(specs), spec.name)
         writer.close()
         expect_size(path, expected)
     except BaseException:

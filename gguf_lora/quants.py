@@ -8,6 +8,10 @@ each float32 operation in the reference's order reproduces its bytes.
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
 import gguf
 import numpy as np
 
@@ -101,18 +105,67 @@ def quantize_q6_k(rows: np.ndarray) -> np.ndarray:
     return out.reshape(rows.shape[0], -1)
 
 
-def encode(arr: np.ndarray, qtype: Q) -> np.ndarray:
-    """float32 (rows, n) -> the type's bytes as a (rows, bytes per row) uint8 array."""
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
+def quantize_q8_0(rows: np.ndarray) -> np.ndarray:
+    """quantize_row_q8_0_ref: d = amax/127, q = roundf(x/d) (half away from zero), fewer passes than gguf-py."""
+    x = rows.reshape(-1, 32)
+    d = np.abs(x).max(axis=1) / np.float32(127)
+    inv = np.zeros_like(d)
+    np.divide(np.float32(1), d, out=inv, where=d != 0)
+    q = x * inv[:, None]
+    r = np.rint(q)  # half to even; ties are then pushed away from zero like C's roundf
+    ties = np.abs(q - r) == np.float32(0.5)
+    if ties.any():
+        r[ties] = np.trunc(q[ties]) + np.sign(q[ties])
+    out = np.empty((len(x), 34), np.uint8)
+    out[:, :2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+    out[:, 2:] = r.astype(np.int8).view(np.uint8)
+    return out.reshape(rows.shape[0], -1)
+
+
+_POOL: ThreadPoolExecutor | None = None
+_CHUNK = 1 << 20  # elements per work item: small enough to stay in cache, big enough to release the GIL well
+
+
+def _encode_rows(rows: np.ndarray, qtype: Q) -> np.ndarray:
     if qtype == Q.F32:
-        data = arr
-    elif qtype == Q.F16:
-        data = arr.astype(np.float16)
-    elif qtype == Q.Q6_K:
-        data = quantize_q6_k(arr.reshape(-1, arr.shape[-1]))
+        return rows
+    if qtype == Q.F16:
+        return rows.astype(np.float16)
+    if qtype == Q.Q8_0:
+        return quantize_q8_0(rows)
+    if qtype == Q.Q6_K:
+        return quantize_q6_k(rows)
+    return gguf.quants.quantize(rows, qtype)
+
+
+def encode_rows(shape: tuple[int, ...], qtype: Q, rows: Callable[[slice], np.ndarray]) -> np.ndarray:
+    """Encode a tensor produced a slice of rows at a time: rows(slice) returns those rows as float32.
+
+    Slices are spread over a thread pool (numpy releases the GIL, so both cores work) and sized to stay in
+    cache. Every row is encoded independently of the others, so the bytes do not depend on the split."""
+    global _POOL
+    n_cols = shape[-1]
+    n_rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    step = max(1, _CHUNK // n_cols)
+
+    def one(i: int) -> np.ndarray:
+        block = np.ascontiguousarray(rows(slice(i, min(i + step, n_rows))), dtype=np.float32)
+        return _encode_rows(block.reshape(-1, n_cols), qtype).view(np.uint8).reshape(block.shape[0], -1)
+
+    if n_rows <= step:
+        parts = [one(0)]
     else:
-        data = gguf.quants.quantize(arr, qtype)
-    return data.view(np.uint8).reshape(byte_shape(arr.shape, qtype))
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="gguf-lora-quant")
+        parts = list(_POOL.map(one, range(0, n_rows, step)))
+    return (parts[0] if len(parts) == 1 else np.concatenate(parts)).reshape(byte_shape(shape, qtype))
+
+
+def encode(arr: np.ndarray, qtype: Q) -> np.ndarray:
+    """float32 array -> the type's bytes as a (rows, bytes per row) uint8 array."""
+    arr = np.asarray(arr, dtype=np.float32)
+    flat = arr.reshape(-1, arr.shape[-1])
+    return encode_rows(arr.shape, qtype, lambda sl: flat[sl])
 
 
 def decode(data: np.ndarray, qtype: Q) -> np.ndarray:
