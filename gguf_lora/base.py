@@ -14,6 +14,7 @@ import gguf
 import numpy as np
 
 from .archs import Arch, arch_for_hf, archs
+from .gguf_read import GGUFFile
 from .errors import InputError, UnsupportedError
 from .safetensors_io import SafetensorsFile
 
@@ -34,7 +35,7 @@ class BaseModel:
 
     def read_tensor(self, name: str, rows: np.ndarray | None = None) -> tuple[np.ndarray, str] | None:
         """A 2-D base tensor (or some of its rows) as float32 and its stored type; None without weights."""
-        if isinstance(self._reader, gguf.GGUFReader):
+        if isinstance(self._reader, GGUFFile):
             t = next((t for t in self._reader.tensors if t.name == name), None)
             if t is None:
                 return None
@@ -68,7 +69,7 @@ def _supported(arch_name: str, source: Path) -> Arch:
     return spec
 
 
-def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+def _field(reader: GGUFFile, key: str, default: Any = None) -> Any:
     f = reader.fields.get(key)
     if f is None:
         return default
@@ -78,7 +79,7 @@ def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
 
 def read_gguf_base(path: Path) -> BaseModel:
     try:
-        reader = gguf.GGUFReader(path)
+        reader = GGUFFile(path)
     except Exception as e:  # gguf-py raises ValueError/struct errors/... on damaged files
         raise InputError(f"{path} is not a readable GGUF file ({e})", "the file is damaged or truncated",
                          "download or convert the base model again") from None

@@ -7,13 +7,14 @@ from typing import Any
 import gguf
 
 from .base import is_gguf, load_base
+from .gguf_read import GGUFFile
 from .errors import GgufLoraError, InputError
 from .peft import load_adapter
 
 
 def _gguf_report(path: Path) -> dict[str, Any]:
     try:
-        reader = gguf.GGUFReader(path)
+        reader = GGUFFile(path)
     except Exception as e:
         raise InputError(f"{path} is not a readable GGUF file ({e})", "the file is damaged or truncated", "") from None
     meta: dict[str, Any] = {}

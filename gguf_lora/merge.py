@@ -20,6 +20,7 @@ from . import __version__
 from .base import BaseModel, is_gguf, read_gguf_base
 from .archs import permute_rows
 from .convert import Progress, pair_arrays, plan
+from .gguf_read import GGUFFile
 from .errors import AdapterError, BaseMismatchError, InputError, UnsupportedError
 from .output import TensorSpec, atomic_output, check_output, write_gguf
 from .peft import load_adapter
@@ -77,7 +78,7 @@ def _sha256(path: Path) -> str:
 
 
 def _gguf_lora(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, list[Contribution]], str]:
-    reader = gguf.GGUFReader(path)
+    reader = GGUFFile(path)
     field_ = lambda k, d=None: reader.fields[k].contents() if k in reader.fields else d  # noqa: E731
     if field_("general.type") != "adapter" or field_("adapter.type") != "lora":
         raise InputError(f"{path} is not a GGUF LoRA adapter", "", "pass a PEFT folder or a file from gguf-lora convert")
@@ -207,7 +208,7 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: st
         raise InputError(f"Base {base} is not a GGUF file", "merge reads and writes llama.cpp model files",
                          "convert the base with llama.cpp's convert_hf_to_gguf.py first")
     model = read_gguf_base(base)
-    reader: gguf.GGUFReader = model._reader
+    reader: GGUFFile = model._reader
     out = Path(output)
     check_output(out, force, [base, *(Path(a) for a, _ in adapters)])
 
