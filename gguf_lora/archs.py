@@ -20,6 +20,7 @@ class Arch:
     transforms: dict[str, tuple[str, ...]] = field(default_factory=dict)
     module_prefixes: dict[str, str] = field(default_factory=dict)
     output_slot: bool = True  # llama.cpp loads a separate output.weight when present (else always tied)
+    bias_slots: frozenset[str] = frozenset()  # GGUF tensors whose .bias llama.cpp loads when present
 
     def normalize_module(self, module: str) -> str:
         for old, new in self.module_prefixes.items():
@@ -51,7 +52,8 @@ def archs() -> dict[str, Arch]:
             if unknown or module not in spec["lora_targets"]:
                 raise ValueError(f"archs.json: {name}.transforms.{module} is invalid ({sorted(unknown)})")
         out[name] = Arch(name, tuple(spec["hf_architectures"]), frozenset(spec["lora_targets"]), transforms,
-                         dict(spec.get("module_prefixes", {})), bool(spec.get("output_slot", True)))
+                         dict(spec.get("module_prefixes", {})), bool(spec.get("output_slot", True)),
+                         frozenset(spec.get("bias_slots", ())))
     return out
 
 

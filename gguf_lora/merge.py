@@ -41,6 +41,7 @@ class Contribution:
     load: Pair | None = None
     magnitude: Callable[[], np.ndarray] | None = None  # DoRA's m, rows in GGUF order
     replace: Callable[[], np.ndarray] | None = None  # modules_to_save: the trained weight, GGUF layout
+    add: Callable[[], np.ndarray] | None = None  # a bias update (lora_bias), GGUF layout
 
 
 @dataclass
@@ -136,6 +137,19 @@ def _replacement_target(module: str, base: BaseModel) -> tuple[str, tuple[str, .
     return name, arch.transforms.get(leaf, ())
 
 
+def _bias_target(module: str, base: BaseModel) -> tuple[str, tuple[str, ...]]:
+    """GGUF name of a module's bias; it must exist in the base or have a slot in llama.cpp's graph."""
+    arch = base.arch
+    module = arch.normalize_module(module)
+    name = arch.name_map(base.n_layers).get_name(module + ".bias", try_suffixes=(".bias",))
+    stem = name.split(".")[-2] if name else None
+    if name is None or (name not in base.tensors and stem not in arch.bias_slots):
+        raise UnsupportedError(f"Adapter trains a bias for {module}", f"{arch.name} in llama.cpp has no bias for "
+                               f"{name or 'that module'}, so the merged model cannot carry it",
+                               "retrain with bias='none' and lora_bias=False for that module")
+    return name, arch.transforms.get(module.rsplit(".", 1)[-1], ())
+
+
 def _peft(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, list[Contribution]], str]:
     adapter = load_adapter(path)
     features = adapter.unsupported_features(merging=True)
@@ -152,6 +166,18 @@ def _peft(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, list[Con
                                     f"{tuple(want)}", "the adapter is for another model", "pass the adapter's own base")
         load = lambda key=key, t=transforms: _rows_like_b(adapter.read(key), t, base)  # noqa: E731
         out[name].append(Contribution(path.name, replace=load))
+    lora_bias, trained_bias = adapter.biases()
+    for module, key in {**trained_bias, **lora_bias}.items():
+        name, transforms = _bias_target(module, base)
+        if module in lora_bias and module not in adapter.pairs:
+            raise AdapterError(f"{path}: {key} has no LoRA pair", "the file is inconsistent", "re-save the adapter")
+        if module in lora_bias:
+            weight = scale * adapter.pairs[module].scale  # PEFT merges bias += scaling * lora_B.bias
+            load = lambda key=key, t=transforms, f=weight: _rows_like_b(adapter.read(key), t, base) * np.float32(f)  # noqa: E731
+            out[name].append(Contribution(path.name, add=load))
+        else:
+            load = lambda key=key, t=transforms: _rows_like_b(adapter.read(key), t, base)  # noqa: E731
+            out[name].append(Contribution(path.name, replace=load))
     magnitudes = adapter.magnitudes()
     alpha, planned = plan(adapter, base, merging=True) if adapter.pairs else (0.0, [])
     for p in planned:
@@ -175,11 +201,14 @@ class Prepared:
     a: np.ndarray | None = None
     magnitude: np.ndarray | None = None
     replace: np.ndarray | None = None
+    add: np.ndarray | None = None
 
 
 def prepare(c: Contribution) -> Prepared:
     if c.replace is not None:
         return Prepared(replace=c.replace())
+    if c.add is not None:
+        return Prepared(add=c.add())
     a, b = c.load()
     with np.errstate(over="ignore", invalid="ignore"):  # an absurd scale is reported as NaN/Inf per tensor
         return Prepared(b * np.float32(c.factor), a, c.magnitude() if c.magnitude else None)
@@ -187,8 +216,11 @@ def prepare(c: Contribution) -> Prepared:
 
 def apply_rows(w: np.ndarray, sl: slice, name: str, p: Prepared) -> np.ndarray:
     """One adapter's effect on rows sl of a float32 tensor (updated in place where possible)."""
-    if p.replace is not None:
-        return np.array(p.replace[sl], dtype=np.float32)
+    if p.replace is not None:  # 1-D tensors (biases) travel as one row
+        return np.array((p.replace.reshape(1, -1) if p.replace.ndim == 1 else p.replace)[sl], dtype=np.float32)
+    if p.add is not None:
+        w += p.add.reshape(1, -1)
+        return w
     if name == "token_embd.weight":  # lora_a is (vocab, r): its rows are the tensor's rows
         w += p.a[sl] @ p.b_scaled.T
     else:
@@ -234,11 +266,16 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: st
                                    "PEFT changes only one of them, so no merged file can behave the same",
                                    "retrain without embed_tokens / lm_head targets")
         order.append("output.weight")  # keep the output projection as it was (or with its own pairs)
+    new_biases = sorted(n for n in contributions if n.endswith(".bias") and n not in tensors)
+    order += new_biases  # created where llama.cpp's graph has a slot (checked when planned)
     has_output = "output.weight" in order
     source = lambda name: tensors["token_embd.weight" if name not in tensors else name]  # noqa: E731
 
     specs = []
     for name in order:
+        if name in new_biases:  # as long as its weight has rows; llama.cpp keeps 1-D tensors in F32
+            specs.append(TensorSpec(name, (model.tensors[name.removesuffix(".bias") + ".weight"][0],), Q.F32))
+            continue
         t = source(name)
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         qtype = t.tensor_type if outtype == "same" else target_type(name, shape, t.tensor_type, outtype, has_output)
@@ -261,8 +298,13 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: st
 
     def produce(i: int) -> np.ndarray:
         spec = specs[i]
-        if i:
+        if i and specs[i - 1].name not in new_biases:
             release(source(specs[i - 1].name))
+        if spec.name in new_biases:
+            w = np.zeros((1, spec.shape[0]), np.float32)
+            for c in contributions[spec.name]:
+                w = apply_rows(w, slice(0, 1), spec.name, prepare(c))
+            return encode_rows(spec.shape, spec.qtype, lambda sl: w[sl])
         t = source(spec.name)
         if spec.name in tensors and spec.name not in contributions and spec.qtype == t.tensor_type:
             return t.data  # untouched: the base's own bytes

@@ -26,6 +26,7 @@ PICKLE = "adapter_model.bin"
 
 _MAGNITUDE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
 _FULL = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)(?:\.modules_to_save\.[^.]+)?\.weight$")
+_BIAS = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)(?P<lora>\.lora_B(?:\.[^.]+)?)?\.bias$")
 _PAIR = re.compile(r"^(?P<module>.+)\.lora_(?P<emb>embedding_)?(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
 _PREFIXES = ("base_model.model.",)
 # PEFT's save_embedding_layers writes the base model's own embedding / output weights beside the pairs.
@@ -109,12 +110,25 @@ class PeftAdapter:
                 out[m.group("module")] = key
         return out
 
+    def biases(self) -> tuple[dict[str, str], dict[str, str]]:
+        """(lora_bias: module -> key of lora_B's bias, trained biases (bias='all'/'lora_only'): module -> key)."""
+        lora, trained = {}, {}
+        for key in self.others:
+            m = _BIAS.match(key)
+            if m:
+                (lora if m.group("lora") else trained)[m.group("module")] = key
+        return lora, trained
+
     def unsupported_features(self, merging: bool = False) -> list[tuple[str, list[str]]]:
         """Features present that a plain GGUF LoRA cannot express (or, merging, that merge cannot bake in),
         each with the tensors that show it."""
         found = []
         cfg = self.config
-        handled = set(self.magnitudes().values()) | set(self.replacements().values()) if merging else set()
+        handled = set()
+        if merging:
+            lora_bias, trained_bias = self.biases()
+            handled = {*self.magnitudes().values(), *self.replacements().values(), *lora_bias.values(),
+                       *trained_bias.values()}
         for feature, rx in _FEATURES:
             names = [n for n in self.others if rx.search(n) and n not in handled]
             if feature.startswith("DoRA") and cfg.get("use_dora") and not names and not merging:

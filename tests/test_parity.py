@@ -195,19 +195,25 @@ def test_merged_embedding_lora_on_tied_base(env, tmp_path):
     compare(steps, torch_logprobs(tiny.load_peft_model(env.hf, env.adapters["embedding"]), steps), TOL)
 
 
-@pytest.mark.parametrize("feature", ["dora", "modules_to_save"])
+@pytest.mark.parametrize("feature", ["dora", "modules_to_save", "lora_bias"])
 def test_merge_bakes_in_what_a_lora_file_cannot(env, feature, tmp_path):
-    """DoRA (PEFT's magnitude / row-norm merge) and modules_to_save (full replacement), through
-    llama-server, against PEFT loading the same folder."""
+    """DoRA (PEFT's magnitude / row-norm merge), modules_to_save (full replacement) and LoRA biases (added
+    to the base's bias, or written as a new bias tensor where llama.cpp's graph has a slot for one),
+    through llama-server, against PEFT loading the same folder."""
     from gguf_lora import merge
 
     lm_head = [] if env.arch in tiny.TIED else ["lm_head"]
-    lora = dict(use_dora=True) if feature == "dora" else dict(modules_to_save=lm_head or None,
-                                                              target_modules=_attn(env.arch))
+    with_slots = _attn(env.arch) if tiny.GGUF_ARCH.get(env.arch, env.arch) == "llama" else _attn(env.arch)[:-1]
+    lora = {"dora": dict(use_dora=True), "lora_bias": dict(lora_bias=True, target_modules=with_slots),
+            "modules_to_save": dict(modules_to_save=lm_head or None, target_modules=_attn(env.arch))}[feature]
     if feature == "modules_to_save" and not lm_head:
         lora["modules_to_save"] = [_attn(env.arch)[-1]]  # o_proj trained fully, LoRA on the rest
         lora["target_modules"] = _attn(env.arch)[:-1]
     folder = tiny.make_adapter(env.hf, tmp_path / feature, seed=7, r=4, lora_alpha=8, **lora)
+    if feature == "lora_bias" and with_slots != _attn(env.arch):  # no o_proj bias in this arch's graph
+        o_proj = tiny.make_adapter(env.hf, tmp_path / "o_bias", r=4, lora_bias=True, target_modules=["o_proj"])
+        with pytest.raises(UnsupportedError, match="has no bias for blk.0.attn_output.bias"):
+            merge(env.base_gguf, [(o_proj, 1.0)], tmp_path / "o.gguf", "f32")
     merged = merge(env.base_gguf, [(folder, 1.0)], tmp_path / "m.gguf", "f32")
     server = Server(merged.output, [], tmp_path / "server.log")
     try:

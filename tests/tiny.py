@@ -88,6 +88,8 @@ def make_adapter(base_folder: Path, folder: Path, seed: int = 1, dtype: torch.dt
                 p.normal_(0, 0.3)
             elif "lora_magnitude_vector" in name:  # DoRA starts at ||W||: move it as training would
                 p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
+            elif "lora_B" in name and name.endswith(".bias"):  # lora_bias starts at zero: give it a value
+                p.normal_(0, 0.2)
             elif "modules_to_save" in name:  # a "trained" copy that differs from the base
                 p.add_(torch.randn_like(p) * 0.1)
     if dtype != torch.float32:
