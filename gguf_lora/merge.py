@@ -25,7 +25,7 @@ from .errors import AdapterError, BaseMismatchError, InputError, UnsupportedErro
 from .output import TensorSpec, atomic_output, check_output, write_gguf
 from .peft import load_adapter
 from .quants import WRITABLE, decode, encode_rows
-from .typerules import OUTTYPES, target_type
+from .typerules import OUTTYPES, is_70b, plan_types
 
 Q = gguf.GGMLQuantizationType
 Pair = Callable[[], tuple[np.ndarray, np.ndarray]]  # -> (lora_a, lora_b) in llama.cpp's layout
@@ -271,19 +271,23 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: st
     has_output = "output.weight" in order
     source = lambda name: tensors["token_embd.weight" if name not in tensors else name]  # noqa: E731
 
+    shapes = {name: tuple(int(d) for d in reversed(source(name).shape.tolist())) for name in order
+              if name not in new_biases}
+    types = {} if outtype == "same" else plan_types(
+        [(name, shapes[name], source(name).tensor_type) for name in shapes], outtype, model.n_layers,
+        is_70b(model.arch.name, model.n_layers, model.n_head, model.n_head_kv))
     specs = []
     for name in order:
         if name in new_biases:  # as long as its weight has rows; llama.cpp keeps 1-D tensors in F32
             specs.append(TensorSpec(name, (model.tensors[name.removesuffix(".bias") + ".weight"][0],), Q.F32))
             continue
         t = source(name)
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        qtype = t.tensor_type if outtype == "same" else target_type(name, shape, t.tensor_type, outtype, has_output)
+        qtype = t.tensor_type if outtype == "same" else types[name]
         changed = name in contributions or name not in tensors or qtype != t.tensor_type
         if changed and qtype not in WRITABLE:
             raise UnsupportedError(f"Tensor {name} would be written as {qtype.name}, which gguf-lora cannot encode yet",
-                                   "", "choose --outtype f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1")
-        specs.append(TensorSpec(name, shape, qtype))
+                                   "", "choose --outtype f16, q8_0, q4_k_m, q5_k_m, q6_k or another listed type")
+        specs.append(TensorSpec(name, shapes[name], qtype))
 
     page = mmap.PAGESIZE
 

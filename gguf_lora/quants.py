@@ -75,6 +75,111 @@ def _make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndar
     return scale.astype(np.float32), L.astype(np.int32)
 
 
+def _seq_sum(v: np.ndarray) -> np.ndarray:
+    """Sum over the first axis one element at a time in float32, as a C loop does (v is (n, groups))."""
+    acc = np.zeros(v.shape[1], np.float32)
+    for row in v:
+        acc = acc + row
+    return acc
+
+
+def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
+                      nstep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """make_qkx2_quants(n, nmax, x, weights, L, &the_min, Laux, rmin, rdelta, nstep, use_mad=false) for many
+    groups at once; x and w are (n, groups). Returns (scale, the_min, L (n, groups))."""
+    f32 = np.float32
+    mn = np.minimum(x.min(axis=0), f32(0))
+    mx = x.max(axis=0)
+    sum_w = _seq_sum(w)
+    sum_x = _seq_sum(w * x)
+    flat = mx == mn
+    one = lambda a: np.where(flat, f32(1), a)  # noqa: E731  (flat groups are answered at the end)
+    iscale = (f32(nmax) / one(mx - mn)).astype(f32)
+    scale = (f32(1) / iscale).astype(f32)
+    L = np.clip(_nearest_int(iscale * (x - mn)), 0, nmax)
+    diff = scale * L.astype(f32) + mn - x
+    best = _seq_sum(w * (diff * diff))
+    for step in range(nstep + 1):
+        iscale = ((f32(rmin) + f32(rdelta) * f32(step) + f32(nmax)) / one(mx - mn)).astype(f32)
+        laux = np.clip(_nearest_int(iscale * (x - mn)), 0, nmax)
+        lf = laux.astype(f32)
+        wl = w * lf
+        sum_l, sum_l2, sum_xl = _seq_sum(wl), _seq_sum(wl * lf), _seq_sum(wl * x)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        ok = D > 0
+        safe_d = np.where(ok, D, f32(1))
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe_d
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe_d
+        clamp = this_min > 0
+        this_min = np.where(clamp, f32(0), this_min)
+        this_scale = np.where(clamp, sum_xl / np.where(sum_l2 != 0, sum_l2, f32(1)), this_scale)
+        diff = this_scale * lf + this_min - x
+        cur = _seq_sum(w * (diff * diff))
+        better = ok & (cur < best) & ~flat
+        L = np.where(better, laux, L)
+        best = np.where(better, cur, best)
+        scale = np.where(better, this_scale, scale)
+        mn = np.where(better, this_min, mn)
+    L = np.where(flat, 0, L)
+    scale = np.where(flat, f32(0), scale)
+    return scale.astype(f32), (-mn).astype(f32), L
+
+
+def _quantize_k_scaled(rows: np.ndarray, nmax: int, rmin: float, nstep: int):
+    """The shared front half of quantize_row_q4_K_ref / q5_K_ref: 8 sub-blocks of 32 per 256-block, each
+    with a scale and a min, both quantized to 6 bits against the block's largest."""
+    f32 = np.float32
+    x = rows.astype(f32).reshape(-1, 8, 32)
+    nb = len(x)
+    xt = x.reshape(nb * 8, 32).T  # (32, groups): C's inner loops become whole-array steps
+    av_x = np.sqrt(_seq_sum(xt * xt) / f32(32)).astype(f32)
+    w = av_x + np.abs(xt)
+    scales, mins, L = _make_qkx2_quants(xt, w, nmax, rmin, 0.1, nstep)
+    scales, mins, L = scales.reshape(nb, 8), mins.reshape(nb, 8), L.T.reshape(nb, 8, 32)
+    max_scale = np.maximum(scales.max(axis=1), f32(0))
+    max_min = np.maximum(mins.max(axis=1), f32(0))
+    inv_scale = np.where(max_scale > 0, f32(63) / np.where(max_scale > 0, max_scale, f32(1)), f32(0)).astype(f32)
+    inv_min = np.where(max_min > 0, f32(63) / np.where(max_min > 0, max_min, f32(1)), f32(0)).astype(f32)
+    ls = np.minimum(63, _nearest_int(inv_scale[:, None] * scales) & 0xFF).astype(np.uint8)
+    lm = np.minimum(63, _nearest_int(inv_min[:, None] * mins) & 0xFF).astype(np.uint8)
+    packed = np.zeros((nb, 12), np.uint8)
+    packed[:, 0:4] = ls[:, :4]
+    packed[:, 4:8] = lm[:, :4]
+    packed[:, 8:12] = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
+    packed[:, 0:4] |= (ls[:, 4:] >> 4) << 6
+    packed[:, 4:8] |= (lm[:, 4:] >> 4) << 6
+    d16 = (max_scale / f32(63)).astype(np.float16)
+    dmin16 = (max_min / f32(63)).astype(np.float16)
+    d = (d16.astype(f32)[:, None] * ls.astype(f32)).astype(f32)
+    dm = (dmin16.astype(f32)[:, None] * lm.astype(f32)).astype(f32)
+    safe = np.where(d == 0, f32(1), d)
+    requant = np.clip(_nearest_int((x + dm[:, :, None]) / safe[:, :, None]), 0, nmax)
+    L = np.where((d == 0)[:, :, None], L, requant).astype(np.uint8).reshape(nb, 256)
+    head = np.concatenate([d16.view(np.uint8).reshape(nb, 2), dmin16.view(np.uint8).reshape(nb, 2), packed], axis=1)
+    return head, L
+
+
+def quantize_q4_k(rows: np.ndarray) -> np.ndarray:
+    """quantize_row_q4_K_ref: 144 bytes per 256 values (d, dmin, 12 scale bytes, 128 nibble bytes)."""
+    head, L = _quantize_k_scaled(rows, 15, -1.0, 20)
+    L = L.reshape(-1, 4, 2, 32)  # 4 chunks of 64: low nibble from the first 32, high from the next 32
+    qs = (L[:, :, 0, :] | (L[:, :, 1, :] << 4)).reshape(len(L), 128)
+    return np.concatenate([head, qs], axis=1).reshape(rows.shape[0], -1)
+
+
+def quantize_q5_k(rows: np.ndarray) -> np.ndarray:
+    """quantize_row_q5_K_ref: 176 bytes per 256 values (d, dmin, 12 scale bytes, 32 high-bit bytes, 128)."""
+    head, L = _quantize_k_scaled(rows, 31, -0.5, 15)
+    L = L.reshape(-1, 4, 2, 32)
+    hi = L >> 4  # the fifth bit of each value
+    qh = np.zeros((len(L), 32), np.uint8)
+    for k in range(4):
+        qh |= (hi[:, k, 0, :] << (2 * k)) | (hi[:, k, 1, :] << (2 * k + 1))
+    lo = L & 0xF
+    ql = (lo[:, :, 0, :] | (lo[:, :, 1, :] << 4)).reshape(len(L), 128)
+    return np.concatenate([head, qh, ql], axis=1).reshape(rows.shape[0], -1)
+
+
 def quantize_q6_k(rows: np.ndarray) -> np.ndarray:
     """quantize_row_q6_K_ref over every 256-block of a (rows, n) float32 array -> (rows, n/256*210) bytes."""
     x = rows.astype(np.float32).reshape(-1, QK_K)
@@ -138,8 +243,8 @@ def _encode_rows(rows: np.ndarray, qtype: Q) -> np.ndarray:
         return rows.astype(np.float16)
     if qtype == Q.Q8_0:
         return quantize_q8_0(rows)
-    if qtype == Q.Q6_K:
-        return quantize_q6_k(rows)
+    if qtype in _K_QUANTS:
+        return _K_QUANTS[qtype](rows)
     return gguf.quants.quantize(rows, qtype)
 
 
@@ -177,4 +282,5 @@ def decode(data: np.ndarray, qtype: Q) -> np.ndarray:
     return gguf.quants.dequantize(data, qtype).astype(np.float32, copy=False)
 
 
-WRITABLE = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q6_K})
+_K_QUANTS = {Q.Q4_K: quantize_q4_k, Q.Q5_K: quantize_q5_k, Q.Q6_K: quantize_q6_k}
+WRITABLE = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, *_K_QUANTS})

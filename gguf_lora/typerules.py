@@ -12,6 +12,8 @@ OUTTYPES: dict[str, tuple[FT, Q]] = {
     "f32": (FT.ALL_F32, Q.F32), "f16": (FT.MOSTLY_F16, Q.F16), "bf16": (FT.MOSTLY_BF16, Q.BF16),
     "q8_0": (FT.MOSTLY_Q8_0, Q.Q8_0), "q4_0": (FT.MOSTLY_Q4_0, Q.Q4_0), "q4_1": (FT.MOSTLY_Q4_1, Q.Q4_1),
     "q5_0": (FT.MOSTLY_Q5_0, Q.Q5_0), "q5_1": (FT.MOSTLY_Q5_1, Q.Q5_1),
+    "q4_k_s": (FT.MOSTLY_Q4_K_S, Q.Q4_K), "q4_k_m": (FT.MOSTLY_Q4_K_M, Q.Q4_K),
+    "q5_k_s": (FT.MOSTLY_Q5_K_S, Q.Q5_K), "q5_k_m": (FT.MOSTLY_Q5_K_M, Q.Q5_K), "q6_k": (FT.MOSTLY_Q6_K, Q.Q6_K),
 }
 
 # tensor_allows_quantization: substrings and exact names llama-quantize leaves alone
@@ -47,18 +49,61 @@ def _fallback(qtype: Q, ncols: int) -> Q:
     return demoted if ncols % gguf.GGML_QUANT_SIZES[demoted][0] == 0 else Q.F16
 
 
-def target_type(name: str, shape: tuple[int, ...], input_type: Q, outtype: str, has_output: bool) -> Q:
-    """llama_tensor_get_type for a dense (non-MoE) model and the legacy / float ftypes."""
-    if not allows_quantization(name, shape):
-        return input_type
+def _layer(name: str) -> int:
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "blk" and len(parts) > 1 and parts[1].isdigit() else -1
+
+
+def _use_more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def plan_types(tensors: list[tuple[str, tuple[int, ...], Q]], outtype: str, n_layers: int,
+               model_70b: bool = False) -> dict[str, Q]:
+    """llama_tensor_get_type for every tensor (dense model, no imatrix, no overrides).
+
+    llama-quantize walks tensors by layer number, then name (weight_name_comparer); the attn_v and
+    ffn_down counters of the K-quant mixes follow that order, so this does too."""
     default = OUTTYPES[outtype][1]
-    if default in (Q.F32, Q.F16, Q.BF16):
-        return default
-    new = default
-    ncols = shape[-1]
-    if name == "output.weight" or (not has_output and name == "token_embd.weight"):
-        if ncols % gguf.GGML_QUANT_SIZES[default][0] != 0:
-            new = Q.Q8_0
-        elif new != Q.Q8_0:
-            new = Q.Q6_K
-    return _fallback(new, ncols)
+    has_output = any(name == "output.weight" for name, _, _ in tensors)
+    ordered = sorted(tensors, key=lambda t: (_layer(t[0]), t[0]))
+    n_attn_v = sum(1 for name, _, _ in tensors if "attn_v.weight" in name or "attn_qkv.weight" in name)
+    i_attn_v = i_ffn_down = 0
+    out: dict[str, Q] = {}
+    for name, shape, input_type in ordered:
+        if not allows_quantization(name, shape):
+            out[name] = input_type
+            continue
+        if default in (Q.F32, Q.F16, Q.BF16):
+            out[name] = default
+            continue
+        new = default
+        ncols = shape[-1]
+        if name == "output.weight" or (not has_output and name == "token_embd.weight"):
+            if ncols % gguf.GGML_QUANT_SIZES[default][0] != 0:
+                new = Q.Q8_0
+            elif new != Q.Q8_0:
+                new = Q.Q6_K
+        elif name == "token_embd.weight":
+            pass
+        elif "attn_v.weight" in name or "attn_qkv.weight" in name:  # category_is_attn_v
+            if outtype in ("q4_k_m", "q5_k_m") and _use_more_bits(i_attn_v, n_attn_v):
+                new = Q.Q6_K
+            elif outtype == "q4_k_s" and i_attn_v < 4:
+                new = Q.Q5_K
+            if model_70b and new in (Q.Q3_K, Q.Q4_K):
+                new = Q.Q5_K
+            i_attn_v += 1
+        elif "ffn_down" in name:
+            if outtype in ("q4_k_m", "q5_k_m") and _use_more_bits(i_ffn_down, n_layers):
+                new = Q.Q6_K
+            elif outtype == "q4_k_s" and i_ffn_down < n_layers // 8:
+                new = Q.Q5_K
+            i_ffn_down += 1
+        out[name] = _fallback(new, ncols)
+    return out
+
+
+def is_70b(arch: str, n_layers: int, n_head: int, n_head_kv: int) -> bool:
+    """LLM_TYPE_70B as llama.cpp's loader decides it for the architectures we support."""
+    return n_layers == 80 and (arch == "qwen2" or (arch == "llama" and n_head != n_head_kv))

@@ -1,7 +1,8 @@
 """`gguf-lora quantize` writes the same tensors, types and bytes as llama-quantize (pinned build, no imatrix).
 
 Inputs are tiny models converted by llama.cpp's own convert_hf_to_gguf.py to F32 and F16, with hidden size
-256 so that the output tensor takes llama-quantize's Q6_K path, and with adversarial rows planted in the
+256 so that K-quants apply (and the output tensor takes llama-quantize's Q6_K path), and with adversarial rows
+planted in the
 weights: all-zero blocks, constant rows, huge and tiny magnitudes, float32 subnormals, single spikes.
 """
 from __future__ import annotations
@@ -15,7 +16,8 @@ from llamacpp import assert_same_tensors, hf_to_gguf, llama_quantize
 
 pytestmark = pytest.mark.llama_cpp
 
-TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
+TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m",
+         "q6_k"]
 
 
 def plant_adversarial(model: torch.nn.Module) -> None:
@@ -38,7 +40,11 @@ def plant_adversarial(model: torch.nn.Module) -> None:
 @pytest.fixture(scope="module", params=["llama", "gemma", "phi3"])
 def models(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"quant-{request.param}")
-    model = tiny.make_base(request.param, root / "hf", hidden_size=256, intermediate_size=512, head_dim=64)
+    # llama gets 10 layers: the K-quant mixes count attn_v / ffn_down in llama-quantize's order (blk.10 after
+    # blk.9), and use_more_bits picks different layers than with 2
+    layers = 10 if request.param == "llama" else 2
+    model = tiny.make_base(request.param, root / "hf", hidden_size=256, intermediate_size=512, head_dim=64,
+                           num_hidden_layers=layers)
     plant_adversarial(model)
     model.save_pretrained(root / "hf")
     return root, {src: hf_to_gguf(root / "hf", root / f"base-{src}.gguf", src) for src in ("f32", "f16")}
