@@ -26,3 +26,5 @@ test *args: setup llama-cpp
 # Time gguf-lora against llama.cpp's own tools on a synthetic ~1B model (not a test).
 bench: setup llama-cpp
     {{py}} bench/bench_convert.py
+    {{py}} bench/bench_merge.py --outtype q8_0
+    {{py}} bench/bench_merge.py --outtype q4_k_m

@@ -1,17 +1,18 @@
-"""Benchmark: `gguf-lora merge --outtype q8_0` against llama.cpp's three-step pipeline (not a test).
+"""Benchmark: `gguf-lora merge` / `quantize` against llama.cpp's own tools (not a test).
 
 Builds (once, reused from the work folder) a synthetic ~1B llama-shaped F16 base GGUF written with gguf-py,
 its config.json and a rank-16 PEFT adapter on all 7 projections of all 16 layers (the same adapter as
 bench_convert.py), then times, alternating, --repeat times:
-  ours:   gguf-lora merge --base BASE ADAPTER -o ours-q8_0.gguf --outtype q8_0
-  theirs: convert_lora_to_gguf.py (f16) -> llama-export-lora (F16 merge) -> llama-quantize Q8_0
+  ours:   gguf-lora merge --base BASE ADAPTER -o ours-TYPE.gguf --outtype TYPE
+  theirs: convert_lora_to_gguf.py (f16) -> llama-export-lora (F16 merge) -> llama-quantize TYPE
           (wall times summed, peak RSS the max over the steps)
-and prints the median seconds, peak RSS (from os.wait4), the ratio ours/theirs (goal: <= 0.35x) and our peak RSS
-(goal: <= 1 GiB). Finally it checks that both outputs hold the same tensor names and types (exits non-zero if not)
-and reports how many tensors are byte-identical and the max |diff| after dequantizing the others; data
-differences are expected (llama.cpp merges into F16 and rounds twice) and do not fail the run.
+  and quantize alone: gguf-lora quantize BASE TYPE vs llama-quantize BASE TYPE (outputs must be byte-identical)
+and prints the median seconds, peak RSS (from os.wait4), the ratios ours/theirs against the issues' goals
+(merge: 0.35x for q8_0, 0.8x for q4_k_m; quantize: 1.5x for q4_k_m) and our peak RSS (goal: <= 1 GiB).
+The merged outputs must hold the same tensor names and types (exit non-zero if not); their data differ
+(llama.cpp merges into F16 and rounds twice), which is reported, not failed.
 
-Run:  .venv/bin/python bench/bench_merge.py [--work DIR] [--repeat N] [--json]
+Run:  just bench    or    .venv/bin/python bench/bench_merge.py [--outtype q8_0|q4_k_m] [--work DIR] [--repeat N]
 """
 from __future__ import annotations
 
@@ -125,27 +126,39 @@ def compare(ours: Path, theirs: Path, rows: int = 1024) -> dict:
             "differing_values_in_differing_tensors": n_diff, "values_in_differing_tensors": n_values}
 
 
+# outtype -> (goal for the merge pipeline ratio, goal for quantize alone) from the issues
+GOALS = {"q8_0": (0.35, 1.0), "q4_k_m": (0.8, 1.5), "q5_k_m": (0.8, 1.5), "q4_0": (0.35, 1.0)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out", help="work folder (reused if present)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per pipeline; the median is reported")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    parser.add_argument("--outtype", default="q8_0", choices=sorted(GOALS), help="output type of both pipelines")
     args = parser.parse_args()
+    outtype, goal = args.outtype, GOALS[args.outtype]
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     config_dir, adapter = make_inputs(work)
     base = make_base_gguf(work)
-    ours_out, lora, merged, theirs_out = (work / n for n in ("ours-q8_0.gguf", "lora.gguf", "merged-f16.gguf",
-                                                              "theirs-q8_0.gguf"))
+    ours_out, lora, merged, theirs_out = (work / n for n in (f"ours-{outtype}.gguf", "lora.gguf", "merged-f16.gguf",
+                                                              f"theirs-{outtype}.gguf"))
     ours_cmd = [str(GGUF_LORA), "merge", "--base", str(base), str(adapter), "-o", str(ours_out),
-                "--outtype", "q8_0", "--force"]
+                "--outtype", outtype, "--force"]
     steps = {
         "convert_lora_to_gguf.py": [sys.executable, str(find_source_file("convert_lora_to_gguf.py")), str(adapter),
                                     "--base", str(config_dir), "--outfile", str(lora), "--outtype", "f16"],
         "llama-export-lora": [str(find_tool("llama-export-lora")), "-m", str(base), "--lora", str(lora),
                               "-o", str(merged), "-t", THREADS],
-        "llama-quantize": [str(find_tool("llama-quantize")), str(merged), str(theirs_out), "Q8_0", THREADS],
+        "llama-quantize": [str(find_tool("llama-quantize")), str(merged), str(theirs_out), outtype.upper(), THREADS],
     }
+    # quantize alone (no adapter): F16 base -> outtype with each tool; these outputs must be byte-identical
+    q_ours, q_theirs = work / f"q-ours-{outtype}.gguf", work / f"q-theirs-{outtype}.gguf"
+    q_cmds = {"gguf-lora quantize": [str(GGUF_LORA), "quantize", str(base), str(q_ours), outtype, "--force"],
+              "llama-quantize": [str(find_tool("llama-quantize")), str(base), str(q_theirs), outtype.upper(), THREADS]}
+    q_t: dict[str, list[float]] = {k: [] for k in q_cmds}
+    q_rss: dict[str, float] = {k: 0.0 for k in q_cmds}
     ours_t: list[float] = []
     ours_rss = 0.0
     step_t: dict[str, list[float]] = {s: [] for s in steps}
@@ -164,6 +177,13 @@ def main() -> None:
             step_rss[step] = max(step_rss[step], peak)
             total += seconds
         theirs_t.append(total)
+        q_theirs.unlink(missing_ok=True)
+        for name, cmd in q_cmds.items():
+            seconds, peak = run(cmd, work / f"quantize-{name.split()[0]}.log")
+            q_t[name].append(seconds)
+            q_rss[name] = max(q_rss[name], peak)
+    q_ratio = statistics.median(q_t["gguf-lora quantize"]) / statistics.median(q_t["llama-quantize"])
+    q_check = compare(q_ours, q_theirs)
     ours_med, theirs_med = statistics.median(ours_t), statistics.median(theirs_t)
     theirs_rss = max(step_rss.values())
     ratio = ours_med / theirs_med
@@ -179,8 +199,12 @@ def main() -> None:
                           "steps": {s: {"median_s": round(statistics.median(step_t[s]), 3),
                                         "runs_s": [round(t, 3) for t in step_t[s]],
                                         "peak_rss_mib": round(step_rss[s], 1)} for s in steps}}},
-        "time_ratio_ours_over_theirs": round(ratio, 3), "time_goal_met": ratio <= 0.35,
-        "ours_peak_rss_goal_met": ours_rss <= 1024, "outputs": check,
+        "outtype": outtype, "time_ratio_ours_over_theirs": round(ratio, 3), "time_goal": goal[0],
+        "time_goal_met": ratio <= goal[0], "ours_peak_rss_goal_met": ours_rss <= 1024, "outputs": check,
+        "quantize_only": {"median_s": {k: round(statistics.median(v), 3) for k, v in q_t.items()},
+                          "peak_rss_mib": {k: round(v, 1) for k, v in q_rss.items()},
+                          "time_ratio_ours_over_theirs": round(q_ratio, 3), "time_goal": goal[1],
+                          "byte_identical": q_check["differing_tensors"] == 0 and q_check["layout_match"]},
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -188,11 +212,11 @@ def main() -> None:
         m = report["machine"]
         print(f"machine: nproc={m['nproc']}  python={m['python']}  {m['platform']}  (median of {args.repeat})")
         print(f"{'pipeline':<28} {'median s':>9} {'peak RSS MiB':>13}")
-        print(f"{'gguf-lora merge q8_0':<28} {ours_med:>9.3f} {ours_rss:>13.1f}")
+        print(f"{'gguf-lora merge ' + outtype:<28} {ours_med:>9.3f} {ours_rss:>13.1f}")
         print(f"{'llama.cpp (3 steps)':<28} {theirs_med:>9.3f} {theirs_rss:>13.1f}")
         for s in steps:
             print(f"{'  ' + s:<28} {statistics.median(step_t[s]):>9.3f} {step_rss[s]:>13.1f}")
-        print(f"time ratio ours/theirs: {ratio:.3f}x  (goal <= 0.35x: {'met' if ratio <= 0.35 else 'NOT met'})")
+        print(f"time ratio ours/theirs: {ratio:.3f}x  (goal <= {goal[0]}x: {'met' if ratio <= goal[0] else 'NOT met'})")
         print(f"peak RSS ours: {ours_rss:.1f} MiB  (goal <= 1024 MiB: {'met' if ours_rss <= 1024 else 'NOT met'})")
         if not check["layout_match"]:
             print(f"outputs: tensor names/types DIFFER - {check['layout_mismatch']}")
@@ -204,7 +228,12 @@ def main() -> None:
                 print(f"  differing tensors, dequantized: max |diff| {check['max_abs_diff']:.3g} "
                       f"(in {check['worst_tensor']}); {check['differing_values_in_differing_tensors']} of "
                       f"{check['values_in_differing_tensors']} values differ")
-    if not check["layout_match"]:
+        qo = report["quantize_only"]
+        for k in q_cmds:
+            print(f"{k + ' (F16 -> ' + outtype + ')':<40} {qo['median_s'][k]:>9.3f} s {qo['peak_rss_mib'][k]:>9.1f} MiB")
+        print(f"quantize ratio ours/theirs: {q_ratio:.3f}x  (goal <= {goal[1]}x: "
+              f"{'met' if q_ratio <= goal[1] else 'NOT met'}); byte-identical: {qo['byte_identical']}")
+    if not check["layout_match"] or not report["quantize_only"]["byte_identical"]:
         sys.exit(1)
 
 

@@ -131,7 +131,7 @@ def _quantize_k_scaled(rows: np.ndarray, nmax: int, rmin: float, nstep: int):
     f32 = np.float32
     x = rows.astype(f32).reshape(-1, 8, 32)
     nb = len(x)
-    xt = x.reshape(nb * 8, 32).T  # (32, groups): C's inner loops become whole-array steps
+    xt = np.ascontiguousarray(x.reshape(nb * 8, 32).T)  # (32, groups): C inner loops become array steps
     av_x = np.sqrt(_seq_sum(xt * xt) / f32(32)).astype(f32)
     w = av_x + np.abs(xt)
     scales, mins, L = _make_qkx2_quants(xt, w, nmax, rmin, 0.1, nstep)
@@ -234,6 +234,7 @@ def quantize_q8_0(rows: np.ndarray) -> np.ndarray:
 
 _POOL: ThreadPoolExecutor | None = None
 _CHUNK = 1 << 20  # elements per work item: small enough to stay in cache, big enough to release the GIL well
+_CHUNK_K = 1 << 18  # the K-quant searches keep a dozen temporaries per element: smaller slices stay in L2
 
 
 def _encode_rows(rows: np.ndarray, qtype: Q) -> np.ndarray:
@@ -256,7 +257,7 @@ def encode_rows(shape: tuple[int, ...], qtype: Q, rows: Callable[[slice], np.nda
     global _POOL
     n_cols = shape[-1]
     n_rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
-    step = max(1, _CHUNK // n_cols)
+    step = max(1, (_CHUNK_K if qtype in _K_QUANTS else _CHUNK) // n_cols)
 
     def one(i: int) -> np.ndarray:
         block = np.ascontiguousarray(rows(slice(i, min(i + step, n_rows))), dtype=np.float32)
