@@ -275,7 +275,7 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: st
               if name not in new_biases}
     types = {} if outtype == "same" else plan_types(
         [(name, shapes[name], source(name).tensor_type) for name in shapes], outtype, model.n_layers,
-        is_70b(model.arch.name, model.n_layers, model.n_head, model.n_head_kv))
+        is_70b(model.arch.name, model.n_layers, model.n_head, model.n_head_kv), model.n_head // model.n_head_kv)
     specs = []
     for name in order:
         if name in new_biases:  # as long as its weight has rows; llama.cpp keeps 1-D tensors in F32

@@ -84,9 +84,10 @@ def _seq_sum(v: np.ndarray) -> np.ndarray:
 
 
 def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
-                      nstep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """make_qkx2_quants(n, nmax, x, weights, L, &the_min, Laux, rmin, rdelta, nstep, use_mad=false) for many
+                      nstep: int, use_mad: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """make_qkx2_quants(n, nmax, x, weights, L, &the_min, Laux, rmin, rdelta, nstep, use_mad) for many
     groups at once; x and w are (n, groups). Returns (scale, the_min, L (n, groups))."""
+    err = (lambda d: np.abs(d)) if use_mad else (lambda d: d * d)  # noqa: E731
     f32 = np.float32
     mn = np.minimum(x.min(axis=0), f32(0))
     mx = x.max(axis=0)
@@ -98,7 +99,7 @@ def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdel
     scale = (f32(1) / iscale).astype(f32)
     L = np.clip(_nearest_int(iscale * (x - mn)), 0, nmax)
     diff = scale * L.astype(f32) + mn - x
-    best = _seq_sum(w * (diff * diff))
+    best = _seq_sum(w * err(diff))
     for step in range(nstep + 1):
         iscale = ((f32(rmin) + f32(rdelta) * f32(step) + f32(nmax)) / one(mx - mn)).astype(f32)
         laux = np.clip(_nearest_int(iscale * (x - mn)), 0, nmax)
@@ -114,7 +115,7 @@ def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdel
         this_min = np.where(clamp, f32(0), this_min)
         this_scale = np.where(clamp, sum_xl / np.where(sum_l2 != 0, sum_l2, f32(1)), this_scale)
         diff = this_scale * lf + this_min - x
-        cur = _seq_sum(w * (diff * diff))
+        cur = _seq_sum(w * err(diff))
         better = ok & (cur < best) & ~flat
         L = np.where(better, laux, L)
         best = np.where(better, cur, best)
@@ -178,6 +179,111 @@ def quantize_q5_k(rows: np.ndarray) -> np.ndarray:
     lo = L & 0xF
     ql = (lo[:, :, 0, :] | (lo[:, :, 1, :] << 4)).reshape(len(L), 128)
     return np.concatenate([head, qh, ql], axis=1).reshape(rows.shape[0], -1)
+
+
+def _pack_2bit(L: np.ndarray) -> np.ndarray:
+    """qs of Q2_K / Q3_K: per 128 values, byte l holds values l, l+32, l+64, l+96 in 2-bit fields."""
+    L = L.reshape(len(L), 2, 4, 32)
+    return (L[:, :, 0] | (L[:, :, 1] << 2) | (L[:, :, 2] << 4) | (L[:, :, 3] << 6)).reshape(len(L), 64)
+
+
+def quantize_q2_k(rows: np.ndarray) -> np.ndarray:
+    """quantize_row_q2_K_ref: 84 bytes per 256 values (16 scale/min bytes, 64 quant bytes, d, dmin)."""
+    f32 = np.float32
+    x = rows.astype(f32).reshape(-1, 16, 16)
+    nb = len(x)
+    xt = np.ascontiguousarray(x.reshape(nb * 16, 16).T)
+    scales, mins, L = _make_qkx2_quants(xt, np.abs(xt), 3, -0.5, 0.1, 15, use_mad=True)
+    scales, mins, L = scales.reshape(nb, 16), mins.reshape(nb, 16), L.T.reshape(nb, 16, 16)
+    max_scale = np.maximum(scales.max(axis=1), f32(0))
+    max_min = np.maximum(mins.max(axis=1), f32(0))
+    has_s, has_m = max_scale > 0, max_min > 0
+    q4 = f32(15)
+    iscale = (q4 / np.where(has_s, max_scale, f32(1))).astype(f32)
+    sc = np.where(has_s[:, None], _nearest_int(iscale[:, None] * scales) & 0xFF, 0)
+    d16 = np.where(has_s, max_scale / q4, f32(0)).astype(np.float16)
+    imin = (q4 / np.where(has_m, max_min, f32(1))).astype(f32)
+    sc = np.where(has_m[:, None], sc | ((_nearest_int(imin[:, None] * mins) << 4) & 0xFF), sc).astype(np.uint8)
+    dmin16 = np.where(has_m, max_min / q4, f32(0)).astype(np.float16)
+    d = (d16.astype(f32)[:, None] * (sc & 0xF).astype(f32)).astype(f32)
+    dm = (dmin16.astype(f32)[:, None] * (sc >> 4).astype(f32)).astype(f32)
+    safe = np.where(d == 0, f32(1), d)
+    requant = np.clip(_nearest_int((x + dm[:, :, None]) / safe[:, :, None]), 0, 3)
+    L = np.where((d == 0)[:, :, None], L, requant).astype(np.uint8).reshape(nb, 256)
+    return np.concatenate([sc, _pack_2bit(L), d16.view(np.uint8).reshape(nb, 2),
+                           dmin16.view(np.uint8).reshape(nb, 2)], axis=1).reshape(rows.shape[0], -1)
+
+
+def _make_q3_quants_rmse(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """make_q3_quants(n, nmax, x, L, do_rmse=true) for many groups; x is (n, groups). Returns (scale, L+nmax)."""
+    f32 = np.float32
+    n, G = x.shape
+    ax = np.abs(x)
+    imax = np.argmax(ax, axis=0)
+    amax = ax[imax, np.arange(G)]
+    vmax = x[imax, np.arange(G)]
+    tiny = amax < GROUP_MAX_EPS
+    iscale = (f32(-nmax) / np.where(tiny, f32(1), vmax)).astype(f32)
+    L = np.clip(_nearest_int(iscale * x), -nmax, nmax - 1)
+    w = x * x
+    sumlx = np.zeros(G, f32)
+    suml2 = np.zeros(G, f32)
+    for i in range(n):
+        li = L[i].astype(f32)
+        sumlx = sumlx + w[i] * x[i] * li
+        suml2 = suml2 + w[i] * li * li
+    for _ in range(5):  # a group whose pass changed nothing would change nothing again: no early exit needed
+        for i in range(n):
+            li = L[i].astype(f32)
+            slx = sumlx - w[i] * x[i] * li
+            pos = slx > 0
+            sl2 = suml2 - w[i] * li * li
+            new_l = np.clip(_nearest_int(x[i] * sl2 / np.where(pos, slx, f32(1))), -nmax, nmax - 1)
+            nl = new_l.astype(f32)
+            slx2 = slx + w[i] * x[i] * nl
+            sl22 = sl2 + w[i] * nl * nl
+            take = pos & (new_l != L[i]) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22) & ~tiny
+            L[i] = np.where(take, new_l, L[i])
+            sumlx = np.where(take, slx2, sumlx)
+            suml2 = np.where(take, sl22, suml2)
+    scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, f32(1)), f32(0)).astype(f32)
+    return np.where(tiny, f32(0), scale), np.where(tiny[None, :], 0, L + nmax)
+
+
+def quantize_q3_k(rows: np.ndarray) -> np.ndarray:
+    """quantize_row_q3_K_ref: 110 bytes per 256 values (32 high-bit bytes, 64 quant bytes, 12 scale bytes, d)."""
+    f32 = np.float32
+    x = rows.astype(f32).reshape(-1, 16, 16)
+    nb = len(x)
+    xt = np.ascontiguousarray(x.reshape(nb * 16, 16).T)
+    scales, L = _make_q3_quants_rmse(xt, 4)
+    scales, L = scales.reshape(nb, 16), L.T.reshape(nb, 16, 16)
+    absval = np.abs(scales)
+    j = np.argmax(absval, axis=1)
+    max_scale = np.where(absval[np.arange(nb), j] > 0, scales[np.arange(nb), j], f32(0))
+    has = max_scale != 0
+    iscale = (f32(-32) / np.where(has, max_scale, f32(1))).astype(f32)
+    lq = (np.clip(_nearest_int(iscale[:, None] * scales), -32, 31) + 32).astype(np.uint8)  # 0..63
+    lq = np.where(has[:, None], lq, 0).astype(np.uint8)
+    packed = np.zeros((nb, 12), np.uint8)
+    packed[:, :8] = (lq[:, :8] & 0xF) | ((lq[:, 8:] & 0xF) << 4)
+    hi = lq >> 4
+    for k in range(4):  # scales[8 + j%4] gets bits 2*(j//4) from j = k, k+4, k+8, k+12
+        packed[:, 8 + k] = hi[:, k] | (hi[:, k + 4] << 2) | (hi[:, k + 8] << 4) | (hi[:, k + 12] << 6)
+    packed = np.where(has[:, None], packed, 0).astype(np.uint8)
+    d16 = np.where(has, f32(1) / iscale, f32(0)).astype(np.float16)
+    sc = lq.astype(np.int32) - 32
+    d = (d16.astype(f32)[:, None] * sc.astype(f32)).astype(f32)
+    safe = np.where(d == 0, f32(1), d)
+    requant = np.clip(_nearest_int(x / safe[:, :, None]), -4, 3) + 4
+    L = np.where((d == 0)[:, :, None], L, requant).astype(np.uint8).reshape(nb, 256)
+    high = (L > 3).reshape(nb, 8, 32)  # value j: byte j % 32, bit j // 32
+    hmask = np.zeros((nb, 32), np.uint8)
+    for bit in range(8):
+        hmask |= high[:, bit].astype(np.uint8) << bit
+    L = np.where(L > 3, L - 4, L).astype(np.uint8)
+    return np.concatenate([hmask, _pack_2bit(L), packed, d16.view(np.uint8).reshape(nb, 2)],
+                          axis=1).reshape(rows.shape[0], -1)
 
 
 def quantize_q6_k(rows: np.ndarray) -> np.ndarray:
@@ -245,7 +351,8 @@ def _encode_rows(rows: np.ndarray, qtype: Q) -> np.ndarray:
     if qtype == Q.Q8_0:
         return quantize_q8_0(rows)
     if qtype in _K_QUANTS:
-        return _K_QUANTS[qtype](rows)
+        with np.errstate(all="ignore"):  # the reference divides by ranges that may be 0 or subnormal, as C does
+            return _K_QUANTS[qtype](rows)
     return gguf.quants.quantize(rows, qtype)
 
 
@@ -283,5 +390,6 @@ def decode(data: np.ndarray, qtype: Q) -> np.ndarray:
     return gguf.quants.dequantize(data, qtype).astype(np.float32, copy=False)
 
 
-_K_QUANTS = {Q.Q4_K: quantize_q4_k, Q.Q5_K: quantize_q5_k, Q.Q6_K: quantize_q6_k}
+_K_QUANTS = {Q.Q2_K: quantize_q2_k, Q.Q3_K: quantize_q3_k, Q.Q4_K: quantize_q4_k, Q.Q5_K: quantize_q5_k,
+             Q.Q6_K: quantize_q6_k}
 WRITABLE = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, *_K_QUANTS})

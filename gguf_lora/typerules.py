@@ -12,7 +12,8 @@ OUTTYPES: dict[str, tuple[FT, Q]] = {
     "f32": (FT.ALL_F32, Q.F32), "f16": (FT.MOSTLY_F16, Q.F16), "bf16": (FT.MOSTLY_BF16, Q.BF16),
     "q8_0": (FT.MOSTLY_Q8_0, Q.Q8_0), "q4_0": (FT.MOSTLY_Q4_0, Q.Q4_0), "q4_1": (FT.MOSTLY_Q4_1, Q.Q4_1),
     "q5_0": (FT.MOSTLY_Q5_0, Q.Q5_0), "q5_1": (FT.MOSTLY_Q5_1, Q.Q5_1),
-    "q4_k_s": (FT.MOSTLY_Q4_K_S, Q.Q4_K), "q4_k_m": (FT.MOSTLY_Q4_K_M, Q.Q4_K),
+    "q2_k": (FT.MOSTLY_Q2_K, Q.Q2_K), "q3_k_s": (FT.MOSTLY_Q3_K_S, Q.Q3_K), "q3_k_m": (FT.MOSTLY_Q3_K_M, Q.Q3_K),
+    "q3_k_l": (FT.MOSTLY_Q3_K_L, Q.Q3_K), "q4_k_s": (FT.MOSTLY_Q4_K_S, Q.Q4_K), "q4_k_m": (FT.MOSTLY_Q4_K_M, Q.Q4_K),
     "q5_k_s": (FT.MOSTLY_Q5_K_S, Q.Q5_K), "q5_k_m": (FT.MOSTLY_Q5_K_M, Q.Q5_K), "q6_k": (FT.MOSTLY_Q6_K, Q.Q6_K),
 }
 
@@ -59,7 +60,7 @@ def _use_more_bits(i: int, n: int) -> bool:
 
 
 def plan_types(tensors: list[tuple[str, tuple[int, ...], Q]], outtype: str, n_layers: int,
-               model_70b: bool = False) -> dict[str, Q]:
+               model_70b: bool = False, n_gqa: int = 1) -> dict[str, Q]:
     """llama_tensor_get_type for every tensor (dense model, no imatrix, no overrides).
 
     llama-quantize walks tensors by layer number, then name (weight_name_comparer); the attn_v and
@@ -87,7 +88,13 @@ def plan_types(tensors: list[tuple[str, tuple[int, ...], Q]], outtype: str, n_la
         elif name == "token_embd.weight":
             pass
         elif "attn_v.weight" in name or "attn_qkv.weight" in name:  # category_is_attn_v
-            if outtype in ("q4_k_m", "q5_k_m") and _use_more_bits(i_attn_v, n_attn_v):
+            if outtype == "q2_k":
+                new = Q.Q4_K if n_gqa >= 4 else Q.Q3_K
+            elif outtype == "q3_k_m":
+                new = Q.Q5_K if i_attn_v < 2 else Q.Q4_K
+            elif outtype == "q3_k_l":
+                new = Q.Q5_K
+            elif outtype in ("q4_k_m", "q5_k_m") and _use_more_bits(i_attn_v, n_attn_v):
                 new = Q.Q6_K
             elif outtype == "q4_k_s" and i_attn_v < 4:
                 new = Q.Q5_K
@@ -95,11 +102,19 @@ def plan_types(tensors: list[tuple[str, tuple[int, ...], Q]], outtype: str, n_la
                 new = Q.Q5_K
             i_attn_v += 1
         elif "ffn_down" in name:
-            if outtype in ("q4_k_m", "q5_k_m") and _use_more_bits(i_ffn_down, n_layers):
+            if outtype == "q2_k":
+                new = Q.Q3_K
+            elif outtype == "q3_k_m":
+                new = Q.Q5_K if i_ffn_down < n_layers // 16 else Q.Q4_K
+            elif outtype == "q3_k_l":
+                new = Q.Q5_K
+            elif outtype in ("q4_k_m", "q5_k_m") and _use_more_bits(i_ffn_down, n_layers):
                 new = Q.Q6_K
             elif outtype == "q4_k_s" and i_ffn_down < n_layers // 8:
                 new = Q.Q5_K
             i_ffn_down += 1
+        elif "attn_output.weight" in name:
+            new = {"q2_k": Q.Q3_K, "q3_k_m": Q.Q4_K, "q3_k_l": Q.Q5_K}.get(outtype, new)
         out[name] = _fallback(new, ncols)
     return out
 

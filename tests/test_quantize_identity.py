@@ -16,8 +16,8 @@ from llamacpp import assert_same_tensors, hf_to_gguf, llama_quantize
 
 pytestmark = pytest.mark.llama_cpp
 
-TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m",
-         "q6_k"]
+TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l",
+         "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k"]
 
 
 def plant_adversarial(model: torch.nn.Module) -> None:
@@ -37,14 +37,21 @@ def plant_adversarial(model: torch.nn.Module) -> None:
                 w[6, :16] = -w[6, :16].abs()  # a negative-only half block
 
 
-@pytest.fixture(scope="module", params=["llama", "gemma", "phi3"])
+SHAPES = {
+    # 10 layers: the K-quant mixes count attn_v / ffn_down in llama-quantize's order (blk.10 after blk.9),
+    # and use_more_bits picks different layers than with 2
+    "llama": dict(num_hidden_layers=10),
+    "gemma": dict(),  # tied: token_embd takes the output tensor's rule
+    "phi3": dict(),  # fused attn_qkv counts as attn_v
+    "qwen2": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=32),  # GQA 4: q2_k's attn_v rule
+}
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
 def models(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"quant-{request.param}")
-    # llama gets 10 layers: the K-quant mixes count attn_v / ffn_down in llama-quantize's order (blk.10 after
-    # blk.9), and use_more_bits picks different layers than with 2
-    layers = 10 if request.param == "llama" else 2
-    model = tiny.make_base(request.param, root / "hf", hidden_size=256, intermediate_size=512, head_dim=64,
-                           num_hidden_layers=layers)
+    shape = {"hidden_size": 256, "intermediate_size": 512, "head_dim": 64, **SHAPES[request.param]}
+    model = tiny.make_base(request.param, root / "hf", **shape)
     plant_adversarial(model)
     model.save_pretrained(root / "hf")
     return root, {src: hf_to_gguf(root / "hf", root / f"base-{src}.gguf", src) for src in ("f32", "f16")}
