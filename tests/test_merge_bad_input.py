@@ -87,19 +87,41 @@ def test_nan_from_merge_names_the_tensor(llama_base, adapter, tmp_path):
               out=tmp_path / "o.gguf")
 
 
-def test_requantizing_to_a_type_we_cannot_write(tmp_path):
-    """`same` on a K-quant base must requantize merged tensors to K-quants: refused until we write them."""
-    from llamacpp import hf_to_gguf, llama_quantize
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """A llama with rows of 256, so that K-quants and IQ types apply."""
+    from llamacpp import hf_to_gguf
 
-    tiny.make_base("llama", tmp_path / "hf", hidden_size=256, intermediate_size=512, head_dim=64)
-    k = llama_quantize(hf_to_gguf(tmp_path / "hf", tmp_path / "f32.gguf"), tmp_path / "k.gguf", "q4_k_m")
-    a = tiny.make_adapter(tmp_path / "hf", tmp_path / "a", r=4)
+    root = tmp_path_factory.mktemp("wide")
+    tiny.make_base("llama", root / "hf", hidden_size=256, intermediate_size=512, head_dim=64)
+    return root / "hf", hf_to_gguf(root / "hf", root / "f32.gguf")
+
+
+def test_same_on_a_k_quant_base_requantizes_only_merged_tensors(wide, tmp_path):
+    from llamacpp import llama_quantize
+
+    hf, f32 = wide
+    k = llama_quantize(f32, tmp_path / "k.gguf", "q4_k_m")
+    a = tiny.make_adapter(hf, tmp_path / "a", r=4, target_modules=["q_proj", "v_proj"])
     out = tmp_path / "o.gguf"
-    if all(t.tensor_type.name in ("F32", "F16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "Q6_K")
-           for t in gguf.GGUFReader(k).tensors):
-        pytest.fail("llama-quantize gave no K-quant tensor to this tiny model; the test needs one")
-    run_fails(["merge", "--base", k, a, "-o", out], "cannot encode", out=out)
-    assert runner.invoke(app, ["merge", "--base", str(k), str(a), "-o", str(out), "--outtype", "q8_0"]).exit_code == 0
+    assert runner.invoke(app, ["merge", "--base", str(k), str(a), "-o", str(out)]).exit_code == 0
+    before = {t.name: t for t in gguf.GGUFReader(k).tensors}
+    for t in gguf.GGUFReader(out).tensors:
+        assert t.tensor_type == before[t.name].tensor_type, t.name
+        same = np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(before[t.name].data).view(np.uint8))
+        assert same == (not t.name.endswith(("attn_q.weight", "attn_v.weight"))), t.name
+
+
+def test_requantizing_to_a_type_we_cannot_write(wide, tmp_path):
+    """`same` on an IQ4_NL base would have to write IQ4_NL for the merged tensors: refused, nothing written."""
+    from llamacpp import llama_quantize
+
+    hf, f32 = wide
+    iq = llama_quantize(f32, tmp_path / "iq.gguf", "iq4_nl")
+    a = tiny.make_adapter(hf, tmp_path / "a", r=4)
+    out = tmp_path / "o.gguf"
+    run_fails(["merge", "--base", iq, a, "-o", out], "cannot encode", out=out)
+    assert runner.invoke(app, ["merge", "--base", str(iq), str(a), "-o", str(out), "--outtype", "q8_0"]).exit_code == 0
 
 
 def test_merge_never_overwrites_base(llama_base, adapter, tmp_path):
