@@ -44,6 +44,9 @@ SHAPES = {
     "gemma": dict(),  # tied: token_embd takes the output tensor's rule
     "phi3": dict(),  # fused attn_qkv counts as attn_v
     "qwen2": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=32),  # GQA 4: q2_k's attn_v rule
+    "qwen3": dict(),
+    "gemma2": dict(),
+    "gemma3": dict(),
 }
 
 
