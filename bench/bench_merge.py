@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType, TokenType
+from gguf import GGUFReader, GGUFWriter, LlamaFileType, TokenType
 from gguf.quants import dequantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import gguf
 
 from .base import is_gguf, load_base
 from .gguf_read import GGUFFile

@@ -268,7 +268,6 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: st
         order.append("output.weight")  # keep the output projection as it was (or with its own pairs)
     new_biases = sorted(n for n in contributions if n.endswith(".bias") and n not in tensors)
     order += new_biases  # created where llama.cpp's graph has a slot (checked when planned)
-    has_output = "output.weight" in order
     source = lambda name: tensors["token_embd.weight" if name not in tensors else name]  # noqa: E731
 
     shapes = {name: tuple(int(d) for d in reversed(source(name).shape.tolist())) for name in order
@@ -302,8 +301,9 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: st
 
     def produce(i: int) -> np.ndarray:
         spec = specs[i]
-        if i and specs[i - 1].name not in new_biases:
-            release(source(specs[i - 1].name))
+        # tensor i-1 may still be being written (it is produced one ahead): release the one before it
+        if i > 1 and specs[i - 2].name not in new_biases:
+            release(source(specs[i - 2].name))
         if spec.name in new_biases:
             w = np.zeros((1, spec.shape[0]), np.float32)
             for c in contributions[spec.name]:

@@ -76,11 +76,11 @@ def _make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndar
 
 
 def _seq_sum(v: np.ndarray) -> np.ndarray:
-    """Sum over the first axis one element at a time in float32, as a C loop does (v is (n, groups))."""
-    acc = np.zeros(v.shape[1], np.float32)
-    for row in v:
-        acc = acc + row
-    return acc
+    """Sum over the first axis one element at a time in float32, as a C loop does (v is (n, groups)).
+
+    numpy reduces the outer axis of a C-contiguous array row by row (out += v[i]), never pairwise, so
+    this is the C loop's order; the byte-identity tests pin it."""
+    return np.add.reduce(np.ascontiguousarray(v, dtype=np.float32), axis=0)
 
 
 def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,

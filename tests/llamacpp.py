@@ -4,7 +4,6 @@ These are the independent references: llama.cpp's own converter writes every bas
 """
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
