@@ -126,17 +126,47 @@ def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdel
     return scale.astype(f32), (-mn).astype(f32), L
 
 
+_UNSET = object()
+_JIT = _UNSET  # the compiled search loops, imported on first K-quant use (numba costs ~0.5 s to import)
+
+
+def _jit():
+    """kquant_jit, or None where numba cannot be imported: the numpy loops here are the fallback."""
+    global _JIT
+    if _JIT is _UNSET:
+        try:
+            from . import kquant_jit
+        except ImportError:
+            kquant_jit = None
+        _JIT = kquant_jit
+    return _JIT
+
+
+def _qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, nstep: int, use_mad: bool = False):
+    """make_qkx2_quants over groups: x, w are (groups, n); returns (scales, mins, L (groups, n))."""
+    jit = _jit()
+    if jit is not None:
+        scales = np.empty(len(x), np.float32)
+        mins = np.empty(len(x), np.float32)
+        L = np.empty(x.shape, np.int32)
+        jit.qkx2_groups(np.ascontiguousarray(x), np.ascontiguousarray(w), nmax, np.float32(rmin), np.float32(0.1),
+                         nstep, use_mad, scales, mins, L)
+        return scales, mins, L
+    scales, mins, L = _make_qkx2_quants(np.ascontiguousarray(x.T), np.ascontiguousarray(w.T), nmax, rmin, 0.1, nstep,
+                                        use_mad)
+    return scales, mins, L.T
+
+
 def _quantize_k_scaled(rows: np.ndarray, nmax: int, rmin: float, nstep: int):
     """The shared front half of quantize_row_q4_K_ref / q5_K_ref: 8 sub-blocks of 32 per 256-block, each
     with a scale and a min, both quantized to 6 bits against the block's largest."""
     f32 = np.float32
     x = rows.astype(f32).reshape(-1, 8, 32)
     nb = len(x)
-    xt = np.ascontiguousarray(x.reshape(nb * 8, 32).T)  # (32, groups): C inner loops become array steps
-    av_x = np.sqrt(_seq_sum(xt * xt) / f32(32)).astype(f32)
-    w = av_x + np.abs(xt)
-    scales, mins, L = _make_qkx2_quants(xt, w, nmax, rmin, 0.1, nstep)
-    scales, mins, L = scales.reshape(nb, 8), mins.reshape(nb, 8), L.T.reshape(nb, 8, 32)
+    groups = x.reshape(nb * 8, 32)
+    av_x = np.sqrt(_seq_sum(np.ascontiguousarray((groups * groups).T)) / f32(32)).astype(f32)
+    scales, mins, L = _qkx2(groups, av_x[:, None] + np.abs(groups), nmax, rmin, nstep)
+    scales, mins, L = scales.reshape(nb, 8), mins.reshape(nb, 8), L.reshape(nb, 8, 32)
     max_scale = np.maximum(scales.max(axis=1), f32(0))
     max_min = np.maximum(mins.max(axis=1), f32(0))
     inv_scale = np.where(max_scale > 0, f32(63) / np.where(max_scale > 0, max_scale, f32(1)), f32(0)).astype(f32)
@@ -192,9 +222,9 @@ def quantize_q2_k(rows: np.ndarray) -> np.ndarray:
     f32 = np.float32
     x = rows.astype(f32).reshape(-1, 16, 16)
     nb = len(x)
-    xt = np.ascontiguousarray(x.reshape(nb * 16, 16).T)
-    scales, mins, L = _make_qkx2_quants(xt, np.abs(xt), 3, -0.5, 0.1, 15, use_mad=True)
-    scales, mins, L = scales.reshape(nb, 16), mins.reshape(nb, 16), L.T.reshape(nb, 16, 16)
+    groups = x.reshape(nb * 16, 16)
+    scales, mins, L = _qkx2(groups, np.abs(groups), 3, -0.5, 15, use_mad=True)
+    scales, mins, L = scales.reshape(nb, 16), mins.reshape(nb, 16), L.reshape(nb, 16, 16)
     max_scale = np.maximum(scales.max(axis=1), f32(0))
     max_min = np.maximum(mins.max(axis=1), f32(0))
     has_s, has_m = max_scale > 0, max_min > 0
@@ -290,7 +320,13 @@ def quantize_q6_k(rows: np.ndarray) -> np.ndarray:
     """quantize_row_q6_K_ref over every 256-block of a (rows, n) float32 array -> (rows, n/256*210) bytes."""
     x = rows.astype(np.float32).reshape(-1, QK_K)
     nb = len(x)
-    scales, L = _make_qx_quants_rmse1(x.reshape(nb * 16, 16), 32)
+    groups = x.reshape(nb * 16, 16)
+    jit = _jit()
+    if jit is not None:
+        scales, L = np.empty(len(groups), np.float32), np.empty(groups.shape, np.int32)
+        jit.qx_rmse1_groups(np.ascontiguousarray(groups), 32, scales, L)
+    else:
+        scales, L = _make_qx_quants_rmse1(groups, 32)
     scales = scales.reshape(nb, 16)
     L = L.reshape(nb, 16, 16)
     abs_s = np.abs(scales)

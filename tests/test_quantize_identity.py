@@ -67,3 +67,14 @@ def test_quantize_is_byte_identical_to_llama_quantize(models, src, outtype):
     ours = quantize(bases[src], root / f"ours-{src}-{outtype}.gguf", outtype, force=True)
     theirs = llama_quantize(bases[src], root / f"theirs-{src}-{outtype}.gguf", outtype)
     assert_same_tensors(ours.output, theirs)
+
+
+@pytest.mark.parametrize("outtype", ["q2_k", "q4_k_m", "q5_k_s", "q6_k"])
+def test_numpy_fallback_is_byte_identical_too(models, outtype, monkeypatch):
+    """Without numba the vectorised numpy search loops run instead; they must give the same bytes."""
+    import gguf_lora.quants as quants
+
+    monkeypatch.setattr(quants, "_JIT", None)
+    root, bases = models
+    ours = quantize(bases["f16"], root / f"numpy-{outtype}.gguf", outtype, force=True)
+    assert_same_tensors(ours.output, llama_quantize(bases["f16"], root / f"theirs-np-{outtype}.gguf", outtype))
