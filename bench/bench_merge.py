@@ -127,7 +127,8 @@ def compare(ours: Path, theirs: Path, rows: int = 1024) -> dict:
 
 
 # outtype -> (goal for the merge pipeline ratio, goal for quantize alone) from the issues
-GOALS = {"q8_0": (0.35, 1.0), "q4_k_m": (0.8, 1.5), "q5_k_m": (0.8, 1.5), "q4_0": (0.35, 1.0)}
+# (None: the issues set no goal for that pair)
+GOALS = {"q8_0": (0.35, None), "q4_k_m": (0.8, 1.5), "q5_k_m": (0.8, 1.5), "q4_0": (0.35, None)}
 
 
 def main() -> None:
@@ -231,8 +232,9 @@ def main() -> None:
         qo = report["quantize_only"]
         for k in q_cmds:
             print(f"{k + ' (F16 -> ' + outtype + ')':<40} {qo['median_s'][k]:>9.3f} s {qo['peak_rss_mib'][k]:>9.1f} MiB")
-        print(f"quantize ratio ours/theirs: {q_ratio:.3f}x  (goal <= {goal[1]}x: "
-              f"{'met' if q_ratio <= goal[1] else 'NOT met'}); byte-identical: {qo['byte_identical']}")
+        verdict = "no goal set" if goal[1] is None else \
+            f"goal <= {goal[1]}x: {'met' if q_ratio <= goal[1] else 'NOT met'}"
+        print(f"quantize ratio ours/theirs: {q_ratio:.3f}x  ({verdict}); byte-identical: {qo['byte_identical']}")
     if not check["layout_match"] or not report["quantize_only"]["byte_identical"]:
         sys.exit(1)
 
