@@ -65,3 +65,17 @@ def test_inspect_reports_misfit_with_exit_1(llama_base, tmp_path):
     result = runner.invoke(app, ["inspect", str(folder), "--base", str(llama_base[1])])
     assert result.exit_code == 1
     assert "fits" in result.stdout and "no: " in result.stdout
+
+
+def test_alora_invocation_tokens_are_written(llama_base, tmp_path):
+    """llama.cpp reads adapter.alora.invocation_tokens (uint32 array) to activate an aLoRA after them."""
+    folder = tiny.make_adapter(llama_base[0], tmp_path / "a", r=4)
+    cfg_path = folder / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["alora_invocation_tokens"] = [5, 17, 42]
+    cfg_path.write_text(json.dumps(cfg))
+    out = tmp_path / "a.gguf"
+    assert runner.invoke(app, ["convert", str(folder), "--base", str(llama_base[1]), "-o", str(out)]).exit_code == 0
+    field = gguf.GGUFReader(out).fields["adapter.alora.invocation_tokens"]
+    assert field.types == [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32]
+    assert field.contents() == [5, 17, 42]
