@@ -14,6 +14,7 @@ import gguf
 import numpy as np
 
 from . import __version__
+from . import typerules
 from .archs import permute_rows
 from .base import BaseModel, load_base
 from .errors import AdapterError, BaseMismatchError, GgufLoraError, InputError, UnsupportedError
@@ -21,12 +22,8 @@ from .output import TensorSpec, atomic_output, check_output, write_gguf
 from .quants import encode
 from .peft import LoraPair, PeftAdapter, load_adapter
 
-OUTTYPES = {
-    "f32": gguf.GGMLQuantizationType.F32,
-    "f16": gguf.GGMLQuantizationType.F16,
-    "bf16": gguf.GGMLQuantizationType.BF16,
-    "q8_0": gguf.GGMLQuantizationType.Q8_0,
-}
+# the types an adapter file may use: typerules' table, restricted
+OUTTYPES = {name: typerules.OUTTYPES[name][1] for name in ("f32", "f16", "bf16", "q8_0")}
 
 Progress = Callable[[int, int, str], None]
 
@@ -94,6 +91,11 @@ def resolve_base(adapter: PeftAdapter, base: str | Path | None) -> BaseModel:
                      "pass --base BASE.gguf (the model you run) or --base HF_MODEL_FOLDER")
 
 
+def target_shape(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tuple[int, int]:
+    """The base tensor shape a pair in llama.cpp's layout fits (token_embd's pair is stored flipped)."""
+    return (a_shape[0], b_shape[0]) if name == "token_embd.weight" else (b_shape[0], a_shape[1])
+
+
 def plan(adapter: PeftAdapter, base: BaseModel, merging: bool = False) -> tuple[float, list[PlannedPair]]:
     """Validate every pair against the base and decide names, transforms and the file alpha.
 
@@ -147,13 +149,9 @@ def plan(adapter: PeftAdapter, base: BaseModel, merging: bool = False) -> tuple[
                                         "pass the adapter's own base")
             else:
                 want = base.tensors[gguf_name]
-            if pair.embedding:
-                vocab, dim = want
-                if "trim_vocab" in transforms and a_shape[0] > vocab:
-                    a_shape = (vocab, a_shape[1])
-                got = (a_shape[0], b_shape[0])
-            else:
-                got = (b_shape[0], a_shape[1])
+            if pair.embedding and "trim_vocab" in transforms and a_shape[0] > want[0]:
+                a_shape = (want[0], a_shape[1])
+            got = target_shape(gguf_name, a_shape, b_shape)
             if tuple(want) != got:
                 raise BaseMismatchError(f"Adapter module {pair.module} has shape {got} but base tensor {gguf_name} "
                                         f"is {tuple(want)}", "the adapter was trained on another model size",
@@ -213,17 +211,23 @@ def _tensor_order(name: str) -> tuple:
     return (0, int(parts[1]), name) if parts[0] == "blk" else (-1 if name.startswith("token") else 1, 0, name)
 
 
+def transform_rows(arr: np.ndarray, transforms: tuple[str, ...], base: BaseModel) -> np.ndarray:
+    """The row transforms the converter applies to a module's output rows (q/k permutation), on lora_b,
+    or on any full tensor with those rows (DoRA magnitudes, trained weights and biases in a merge)."""
+    for t in transforms:
+        if t == "permute_q":
+            arr = permute_rows(arr, base.n_head)
+        elif t == "permute_k":
+            arr = permute_rows(arr, base.n_head_kv)
+    return arr
+
+
 def pair_arrays(adapter: PeftAdapter, p: PlannedPair, base: BaseModel) -> tuple[np.ndarray, np.ndarray]:
     """lora_a and lora_b in llama.cpp's layout, float32, every transform and the scale fold applied."""
     a = adapter.read(p.pair.a_key)
-    b = adapter.read(p.pair.b_key)
+    b = transform_rows(adapter.read(p.pair.b_key), p.transforms, base)
     if p.pair.embedding:
         a = a.T[: p.a_shape[0]]
-    for t in p.transforms:
-        if t == "permute_q":
-            b = permute_rows(b, base.n_head)
-        elif t == "permute_k":
-            b = permute_rows(b, base.n_head_kv)
     if p.fold != 1.0:
         b = b * np.float32(p.fold)
     return np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(b, dtype=np.float32)

@@ -6,7 +6,6 @@ W' = W + Σ factor_i · B_i A_i is computed in float32, one tensor at a time, th
 """
 from __future__ import annotations
 
-import hashlib
 import mmap
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -18,12 +17,11 @@ import numpy as np
 
 from . import __version__
 from .base import BaseModel, is_gguf, read_gguf_base
-from .archs import permute_rows
-from .convert import Progress, pair_arrays, plan
+from .convert import Progress, pair_arrays, plan, target_shape, transform_rows
 from .gguf_read import GGUFFile
 from .errors import AdapterError, BaseMismatchError, InputError, UnsupportedError
 from .output import TensorSpec, atomic_output, check_output, write_gguf
-from .peft import load_adapter
+from .peft import load_adapter, sha256_file
 from .quants import WRITABLE, decode, encode_rows
 from .typerules import OUTTYPES, is_70b, plan_types
 
@@ -70,14 +68,6 @@ def parse_adapter_arg(arg: str) -> tuple[Path, float]:
     return Path(arg), 1.0
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _gguf_lora(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, list[Contribution]], str]:
     reader = GGUFFile(path)
     field_ = lambda k, d=None: reader.fields[k].contents() if k in reader.fields else d  # noqa: E731
@@ -100,24 +90,14 @@ def _gguf_lora(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, lis
         b_shape = tuple(int(d) for d in reversed(tb.shape.tolist()))
         rank = b_shape[1]
         want = base.tensors.get(target) or (base.tensors.get("token_embd.weight") if target == "output.weight" else None)
-        got = (a_shape[0], b_shape[0]) if target == "token_embd.weight" else (b_shape[0], a_shape[1])
+        got = target_shape(target, a_shape, b_shape)
         if want is None or tuple(want) != got:
             raise BaseMismatchError(f"Adapter {path} pair {target} has shape {got}, base has "
                                     f"{tuple(want) if want else 'no such tensor'}", "the adapter is for another model",
                                     "pass the adapter's own base")
         load = lambda ta=t, tb=tb: (decode(ta.data, ta.tensor_type), decode(tb.data, tb.tensor_type))  # noqa: E731
         out[target] = [Contribution(path.name, scale * (alpha / rank if alpha else 1.0), load)]
-    return out, _sha256(path)
-
-
-def _rows_like_b(arr: np.ndarray, transforms: tuple[str, ...], base: BaseModel) -> np.ndarray:
-    """Apply the row transforms of a pair's lora_b (q/k permutation, vocabulary trim) to a full tensor."""
-    for t in transforms:
-        if t == "permute_q":
-            arr = permute_rows(arr, base.n_head)
-        elif t == "permute_k":
-            arr = permute_rows(arr, base.n_head_kv)
-    return arr
+    return out, sha256_file(path)
 
 
 def _replacement_target(module: str, base: BaseModel) -> tuple[str, tuple[str, ...]]:
@@ -164,7 +144,7 @@ def _peft(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, list[Con
         if adapter.shape(key) != tuple(want):
             raise BaseMismatchError(f"Adapter's trained {module} has shape {adapter.shape(key)}, base {name} is "
                                     f"{tuple(want)}", "the adapter is for another model", "pass the adapter's own base")
-        load = lambda key=key, t=transforms: _rows_like_b(adapter.read(key), t, base)  # noqa: E731
+        load = lambda key=key, t=transforms: transform_rows(adapter.read(key), t, base)  # noqa: E731
         out[name].append(Contribution(path.name, replace=load))
     lora_bias, trained_bias = adapter.biases()
     for module, key in {**trained_bias, **lora_bias}.items():
@@ -173,10 +153,10 @@ def _peft(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, list[Con
             raise AdapterError(f"{path}: {key} has no LoRA pair", "the file is inconsistent", "re-save the adapter")
         if module in lora_bias:
             weight = scale * adapter.pairs[module].scale  # PEFT merges bias += scaling * lora_B.bias
-            load = lambda key=key, t=transforms, f=weight: _rows_like_b(adapter.read(key), t, base) * np.float32(f)  # noqa: E731
+            load = lambda key=key, t=transforms, f=weight: transform_rows(adapter.read(key), t, base) * np.float32(f)  # noqa: E731
             out[name].append(Contribution(path.name, add=load))
         else:
-            load = lambda key=key, t=transforms: _rows_like_b(adapter.read(key), t, base)  # noqa: E731
+            load = lambda key=key, t=transforms: transform_rows(adapter.read(key), t, base)  # noqa: E731
             out[name].append(Contribution(path.name, replace=load))
     magnitudes = adapter.magnitudes()
     alpha, planned = plan(adapter, base, merging=True) if adapter.pairs else (0.0, [])
@@ -186,7 +166,7 @@ def _peft(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, list[Con
             if p.pair.embedding:
                 raise UnsupportedError(f"Adapter uses DoRA on {p.pair.module}", "gguf-lora merges DoRA for linear "
                                        "layers only", "merge it in PyTorch (merge_and_unload) and convert the model")
-            mag = lambda k=magnitudes[p.pair.module], t=p.transforms: _rows_like_b(  # noqa: E731
+            mag = lambda k=magnitudes[p.pair.module], t=p.transforms: transform_rows(  # noqa: E731
                 adapter.read(k), t, base)
         load = lambda p=p: pair_arrays(adapter, p, base)  # noqa: E731
         out[p.gguf_name].append(Contribution(path.name, scale * (alpha / p.pair.rank if alpha else 1.0), load, mag))

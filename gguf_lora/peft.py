@@ -170,11 +170,16 @@ class PeftAdapter:
         return tuple(self._reader[key].shape)
 
     def content_hash(self) -> str:
-        h = hashlib.sha256()
-        with open(self.weights_file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
+        return sha256_file(self.weights_file)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (provenance of adapters in outputs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _load_config(path: Path) -> dict[str, Any]:
