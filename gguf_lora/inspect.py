@@ -8,7 +8,8 @@ from typing import Any
 from .base import is_gguf, load_base
 from .gguf_read import GGUFFile
 from .errors import GgufLoraError, InputError
-from .peft import load_adapter
+from .convert import plan, resolve_base, target_shape
+from .peft import PeftAdapter, load_adapter
 
 
 def _gguf_report(path: Path) -> dict[str, Any]:
@@ -41,8 +42,8 @@ def _gguf_report(path: Path) -> dict[str, Any]:
     return report
 
 
-def _peft_report(path: Path) -> dict[str, Any]:
-    adapter = load_adapter(path)
+def _peft_report(adapter: PeftAdapter) -> dict[str, Any]:
+    path = adapter.path
     cfg = adapter.config
     return {
         "path": str(path), "kind": "peft", "peft_type": cfg.get("peft_type"), "r": cfg.get("r"),
@@ -67,7 +68,7 @@ def _fit_gguf_adapter(report: dict[str, Any], base_path: Path) -> str | None:
         if name not in base.tensors:
             return f"{name} does not exist in the base"
         a, b = shapes[name + ".lora_a"], shapes[name + ".lora_b"]
-        got = (a[0], b[0]) if name == "token_embd.weight" else (b[0], a[1])
+        got = target_shape(name, tuple(a), tuple(b))
         if tuple(base.tensors[name]) != tuple(got):
             return f"{name} has shape {got} in the adapter but {tuple(base.tensors[name])} in the base"
         if name == "token_embd.weight" and base.tied_embeddings:
@@ -79,15 +80,14 @@ def inspect(path: str | Path, base: str | Path | None = None) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path} does not exist", "", "pass a GGUF file or a PEFT adapter folder")
-    report = _gguf_report(path) if path.is_file() and is_gguf(path) else _peft_report(path)
+    adapter = None if path.is_file() and is_gguf(path) else load_adapter(path)
+    report = _gguf_report(path) if adapter is None else _peft_report(adapter)
     if base is not None:
         if report["kind"] == "gguf-model":
             raise InputError(f"{path} is a model, not an adapter", "--base checks an adapter against a model", "")
-        if report["kind"] == "peft":
-            from .convert import plan, resolve_base
-
+        if adapter is not None:
             try:
-                plan(load_adapter(path), resolve_base(load_adapter(path), base))
+                plan(adapter, resolve_base(adapter, base))
                 problem = None
             except GgufLoraError as e:
                 problem = str(e)
