@@ -37,6 +37,14 @@ SHAPES = {"self_attn.q_proj": (H, H), "self_attn.k_proj": (H, KV), "self_attn.v_
           "self_attn.o_proj": (H, H), "mlp.gate_proj": (H, FF), "mlp.up_proj": (H, FF), "mlp.down_proj": (FF, H)}
 
 
+def machine_facts() -> dict:
+    return {"nproc": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+
+
+def machine_line(machine: dict, repeat: int) -> str:
+    return f"machine: nproc={machine['nproc']}  python={machine['python']}  {machine['platform']}  (median of {repeat})"
+
+
 def make_inputs(work: Path) -> tuple[Path, Path]:
     base, adapter = work / "base", work / "adapter"
     if (base / "config.json").is_file() and (adapter / "adapter_model.safetensors").is_file():
@@ -115,7 +123,7 @@ def main() -> None:
     median = {name: statistics.median(ts) for name, ts in times.items()}
     ratio = median["gguf-lora"] / median["llama.cpp"]
     mismatch = compare(ours_out, theirs_out)
-    report = {"machine": {"nproc": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+    report = {"machine": machine_facts(),
               "repeat": args.repeat,
               "tools": {name: {"median_s": round(median[name], 3), "runs_s": [round(t, 3) for t in times[name]],
                                "peak_rss_mib": round(rss[name], 1)} for name in cmds},
@@ -124,8 +132,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        m = report["machine"]
-        print(f"machine: nproc={m['nproc']}  python={m['python']}  {m['platform']}  (median of {args.repeat})")
+        print(machine_line(report["machine"], args.repeat))
         print(f"{'tool':<10} {'median s':>9} {'peak RSS MiB':>13}")
         for name in cmds:
             print(f"{name:<10} {median[name]:>9.3f} {rss[name]:>13.1f}")

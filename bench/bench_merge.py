@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ from gguf import GGUFReader, GGUFWriter, LlamaFileType, TokenType
 from gguf.quants import dequantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_convert import CONFIG, FF, GGUF_LORA, H, KV, ROOT, make_inputs, run  # noqa: E402
+from bench_convert import CONFIG, FF, GGUF_LORA, H, KV, ROOT, machine_facts, machine_line, make_inputs, run  # noqa: E402
 
 from gguf_lora.llama_cpp import find_source_file, find_tool  # noqa: E402
 
@@ -190,7 +189,7 @@ def main() -> None:
     ratio = ours_med / theirs_med
     check = compare(ours_out, theirs_out)
     report = {
-        "machine": {"nproc": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine_facts(),
         "repeat": args.repeat, "threads_llama_cpp": int(THREADS),
         "pipelines": {
             "gguf-lora": {"median_s": round(ours_med, 3), "runs_s": [round(t, 3) for t in ours_t],
@@ -210,8 +209,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        m = report["machine"]
-        print(f"machine: nproc={m['nproc']}  python={m['python']}  {m['platform']}  (median of {args.repeat})")
+        print(machine_line(report["machine"], args.repeat))
         print(f"{'pipeline':<28} {'median s':>9} {'peak RSS MiB':>13}")
         print(f"{'gguf-lora merge ' + outtype:<28} {ours_med:>9.3f} {ours_rss:>13.1f}")
         print(f"{'llama.cpp (3 steps)':<28} {theirs_med:>9.3f} {theirs_rss:>13.1f}")

@@ -6,20 +6,14 @@ disagrees with PyTorch while ours agrees.
 """
 from __future__ import annotations
 
-import gguf
-import numpy as np
 import pytest
 
 import tiny
 from gguf_lora import convert
-from llamacpp import Server, lora_to_gguf
+from llamacpp import Server, assert_same_tensors, lora_to_gguf
 from test_parity import PROMPT, TOL, compare, torch_logprobs
 
 pytestmark = pytest.mark.llama_cpp
-
-
-def tensors(path):
-    return {t.name: (t.tensor_type.name, np.array(t.data)) for t in gguf.GGUFReader(path).tensors}
 
 
 @pytest.mark.parametrize("outtype", ["f32", "f16"])
@@ -33,12 +27,8 @@ def test_plain_lora_identical_to_llama_cpp_converter(llama_base, tmp_path, outty
 
         st = folder / "adapter_model.safetensors"
         save_file({k: v for k, v in load_file(st).items() if "base_layer" not in k}, st)
-    ours = tensors(convert(folder, base_gguf, tmp_path / "ours.gguf", outtype=outtype).output)
-    theirs = tensors(lora_to_gguf(folder, hf, tmp_path / "theirs.gguf", outtype))
-    assert ours.keys() == theirs.keys()
-    for name in ours:
-        assert ours[name][0] == theirs[name][0], name
-        np.testing.assert_array_equal(ours[name][1], theirs[name][1], err_msg=name)
+    assert_same_tensors(convert(folder, base_gguf, tmp_path / "ours.gguf", outtype=outtype).output,
+                        lora_to_gguf(folder, hf, tmp_path / "theirs.gguf", outtype))
 
 
 def test_llama_cpp_converter_gets_rslora_and_alpha_pattern_wrong(llama_base, tmp_path):
