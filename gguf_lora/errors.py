@@ -7,7 +7,15 @@ class GgufLoraError(Exception):
 
     def __init__(self, what: str, why: str = "", fix: str = ""):
         self.what, self.why, self.fix = what, why, fix
-        super().__init__(" ".join(p[0].upper() + p[1:].rstrip(".") + "." for p in (what, why, fix) if p))
+        super().__init__(" ".join(_sentence(p) for p in (what, why, fix) if p))
+
+
+def _sentence(text: str) -> str:
+    """Capitalised and closed with a full stop, except names that are spelled lower-case (llama-server)."""
+    first = text.split(" ", 1)[0]
+    if not ("-" in first and first.islower()):
+        text = text[0].upper() + text[1:]
+    return text.rstrip(".") + "."
 
 
 class InputError(GgufLoraError):
@@ -28,3 +36,7 @@ class BaseMismatchError(GgufLoraError):
 
 class OutputError(GgufLoraError):
     """The output cannot be written where asked (exists, missing folder, disk full, is an input)."""
+
+
+class ServerError(GgufLoraError):
+    """A server (llama-server, Ollama) is unreachable, refused a request, failed it, or answered nonsense."""

@@ -19,3 +19,22 @@ def llama_base(tmp_path_factory):
     root = tmp_path_factory.mktemp("llama_base")
     tiny.make_base("llama", root / "hf")
     return root / "hf", hf_to_gguf(root / "hf", root / "base.gguf")
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory):
+    """A tiny llama that takes any text (byte-fallback tokenizer, ChatML template), its GGUF written by
+    llama.cpp's converter, and two GGUF LoRA adapters for it: adapters/sql.gguf and adapters/poem.gguf."""
+    import tiny
+    from llamacpp import hf_to_gguf
+
+    from gguf_lora import convert
+
+    root = tmp_path_factory.mktemp("chat_model")
+    tiny.make_chat_base("llama", root / "hf")
+    base = hf_to_gguf(root / "hf", root / "base.gguf")
+    (root / "adapters").mkdir()
+    for name, seed in (("sql", 1), ("poem", 2)):
+        peft_folder = tiny.make_adapter(root / "hf", root / "peft" / name, seed=seed)
+        convert(peft_folder, base, root / "adapters" / f"{name}.gguf")
+    return base, root / "adapters"

@@ -36,8 +36,11 @@ GGUF_ARCH = {"mistral": "llama"}
 TIED = {"gemma", "gemma2", "gemma3"}
 
 
-def sentencepiece_model() -> bytes:
-    """A BPE sentencepiece model of exactly VOCAB pieces, trained on seeded pseudo-words."""
+def sentencepiece_model(vocab: int = VOCAB, chat: bool = False) -> bytes:
+    """A BPE sentencepiece model of exactly `vocab` pieces, trained on seeded pseudo-words.
+
+    chat=True: byte fallback (any text tokenizes, as runtime tests need) and ChatML's two markers.
+    """
     import sentencepiece as spm
 
     rng = random.Random(0)
@@ -45,10 +48,27 @@ def sentencepiece_model() -> bytes:
     lines = [" ".join("".join(rng.choice(letters[:12]) for _ in range(rng.randint(1, 6)))
                       for _ in range(12)) for _ in range(400)]
     out = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=out, vocab_size=VOCAB,
+    extra = dict(byte_fallback=True, user_defined_symbols=CHATML_MARKERS) if chat else {}
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=out, vocab_size=vocab,
                                    model_type="bpe", character_coverage=1.0, num_threads=1,
-                                   bos_id=1, eos_id=2, unk_id=3, pad_id=0, minloglevel=2)
+                                   bos_id=1, eos_id=2, unk_id=3, pad_id=0, minloglevel=2, **extra)
     return out.getvalue()
+
+
+CHATML_MARKERS = ["<|im_start|>", "<|im_end|>"]
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def make_chat_base(arch: str, folder: Path, seed: int = 0) -> torch.nn.Module:
+    """A tiny model that takes any text: byte-fallback tokenizer (vocab 384) and a ChatML chat template."""
+    vocab = 384
+    model = make_base(arch, folder, seed, vocab_size=vocab)
+    (folder / "tokenizer.model").write_bytes(sentencepiece_model(vocab, chat=True))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False, "tokenizer_class": "LlamaTokenizer", "chat_template": CHATML,
+        "eos_token": "<|im_end|>"}))
+    return model
 
 
 def make_base(arch: str, folder: Path, seed: int = 0, **overrides) -> torch.nn.Module:

@@ -1,0 +1,1 @@
+"""Clients for what serves the files: llama-server (hot-swapped adapters) and Ollama (deploy)."""
