@@ -140,6 +140,112 @@ def inspect(
         raise typer.Exit(1)
 
 
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(
+    ctx: typer.Context,
+    base: Path = typer.Option(..., "--base", "-b", help="Base model GGUF."),
+    adapters: list[Path] = typer.Option([], "--adapters", "-a", help="A folder of GGUF LoRAs (each addressed by "
+                                        "its file name) or one file; repeatable."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(8080, "--port", help="Port to listen on."),
+    use: list[str] = typer.Option([], "--use", help="NAME[=SCALE] active from the start (default: none)."),
+    llama_server: Optional[Path] = typer.Option(None, "--llama-server", help="llama-server binary (default: the "
+                                                "pinned build, $GGUF_LORA_LLAMA_CPP_BIN, PATH)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="GGUF_LORA_API_KEY",
+                                          help="Require this key from clients."),
+    log: Optional[Path] = typer.Option(None, "--log", help="Write llama-server's log here (default: a temp file)."),
+    ready_timeout: float = typer.Option(300.0, "--ready-timeout", help="Seconds to wait for the model to load."),
+) -> None:
+    """Run llama-server with a base and adapters in the foreground; switch them with 'gguf-lora adapters use'.
+
+    Arguments after the options (or after --) go to llama-server, e.g. -- -c 8192 -ngl 99.
+    The server is set up so that a request without an adapter field gets exactly the selected adapter.
+    """
+    import signal
+
+    from .runtime.llama_server import ManagedServer, parse_selection
+
+    try:
+        server = ManagedServer(base, adapters, host=host, port=port, llama_server=llama_server, api_key=api_key,
+                               extra_args=ctx.args, log=log, ready_timeout=ready_timeout,
+                               scales=parse_selection(use))
+    except GgufLoraError as e:
+        _fail(e)
+
+    def on_term(signum, frame):  # systemd stops services with SIGTERM: shut down like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        try:
+            client = server.start()
+            active = [f"{a.name}={a.scale:g}" for a in client.adapters() if a.scale]
+            typer.echo(f"llama-server ready at {server.url}: base {base.name}, adapters "
+                       f"{', '.join(a.stem for a in server.adapters) or 'none'}; active: {', '.join(active) or 'none'}")
+            typer.echo(f"  log: {server.log}; Ctrl-C stops it", err=True)
+            code = server.wait()
+        except GgufLoraError as e:
+            _fail(e)
+        if code != 0:
+            typer.echo(f"error: llama-server stopped with exit code {code}. Its log ends:\n{server.log_tail(15)}",
+                       err=True)
+            raise typer.Exit(1)
+    except KeyboardInterrupt:
+        typer.echo("stopping llama-server", err=True)
+    finally:
+        server.close()
+
+
+adapters_app = typer.Typer(no_args_is_help=True, help="List and switch the adapters of a running llama-server.")
+app.add_typer(adapters_app, name="adapters")
+URL_OPTION = typer.Option(DEFAULT_URL, "--url", envvar="GGUF_LORA_URL", help="The llama-server to talk to.")
+KEY_OPTION = typer.Option(None, "--api-key", envvar="GGUF_LORA_API_KEY", help="The server's API key.")
+
+
+def _print_adapters(adapters, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps([a.to_dict() for a in adapters], indent=2))
+        return
+    if not adapters:
+        typer.echo("no adapters loaded")
+    for a in adapters:
+        typer.echo(f"{'*' if a.scale else ' '} {a.name:<24} scale {a.scale:<6g} id {a.id}  {a.path}")
+
+
+@adapters_app.command("list")
+def adapters_list(url: str = URL_OPTION, api_key: Optional[str] = KEY_OPTION,
+                  as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout.")) -> None:
+    """Show the server's adapters and their global scales (* = active)."""
+    from .runtime.llama_server import LlamaServer
+
+    try:
+        _print_adapters(LlamaServer(url, api_key, timeout=30).adapters(), as_json)
+    except GgufLoraError as e:
+        _fail(e)
+
+
+@adapters_app.command("use")
+def adapters_use(
+    names: list[str] = typer.Argument(None, help="NAME or NAME=SCALE; every adapter not named goes to 0."),
+    none: bool = typer.Option(False, "--none", help="Switch every adapter off (the bare base)."),
+    url: str = URL_OPTION, api_key: Optional[str] = KEY_OPTION,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Set what requests without an adapter field get, on a server started by 'gguf-lora serve'."""
+    from .runtime.llama_server import LlamaServer, parse_selection
+
+    if bool(names) == none:
+        typer.echo("error: name the adapters to use, or pass --none for the bare base", err=True)
+        raise typer.Exit(2)
+    try:
+        _print_adapters(LlamaServer(url, api_key, timeout=30).use(parse_selection(names or [])), as_json)
+    except GgufLoraError as e:
+        _fail(e)
+
+
 def main() -> None:
     # gguf-lora spreads its work over its own threads; BLAS threads on top oversubscribe the cores and
     # spin (a merge ran 40% slower). The command limits BLAS to one thread; the library leaves it alone.

@@ -168,21 +168,23 @@ def _find(adapters: list[Adapter], key: str | int) -> Adapter:
 
 
 def adapter_files(adapters: str | Path | Iterable[str | Path]) -> list[Path]:
-    """A folder (every GGUF LoRA in it, by name) or a list of GGUF LoRA files; names must be unique."""
-    if isinstance(adapters, (str, Path)) and Path(adapters).is_dir():
-        folder = Path(adapters)
-        files = [p for p in sorted(folder.glob("*.gguf")) if _is_adapter(p)]
-        if not files:
-            raise InputError(f"{folder} holds no GGUF LoRA adapter", "no *.gguf file there has general.type=adapter",
-                             "convert adapters into it first (gguf-lora convert ... -o DIR/NAME.gguf)")
-    else:
-        files = [Path(adapters)] if isinstance(adapters, (str, Path)) else [Path(p) for p in adapters]
-        for p in files:
-            if not p.is_file():
-                raise InputError(f"adapter {p} does not exist", "", "check the path")
-            if not _is_adapter(p):
-                raise InputError(f"{p} is not a GGUF LoRA adapter", "its general.type is not 'adapter'",
-                                 "pass adapters converted with gguf-lora convert")
+    """Folders (every GGUF LoRA in each, by name) and GGUF LoRA files, in order; names must be unique."""
+    items = [adapters] if isinstance(adapters, (str, Path)) else list(adapters)
+    files: list[Path] = []
+    for item in map(Path, items):
+        if item.is_dir():
+            found = [p for p in sorted(item.glob("*.gguf")) if _gguf_type(p) == "adapter"]
+            if not found:
+                raise InputError(f"{item} holds no GGUF LoRA adapter", "no *.gguf file there has "
+                                 "general.type=adapter", "convert adapters into it (gguf-lora convert ... -o DIR/NAME.gguf)")
+            files += found
+        elif not item.is_file():
+            raise InputError(f"adapter {item} does not exist", "", "check the path")
+        elif _gguf_type(item) != "adapter":
+            raise InputError(f"{item} is not a GGUF LoRA adapter", "its general.type is not 'adapter'",
+                             "pass adapters converted with gguf-lora convert")
+        else:
+            files.append(item)
     stems = [p.stem for p in files]
     dupes = sorted({s for s in stems if stems.count(s) > 1})
     if dupes:
@@ -191,12 +193,27 @@ def adapter_files(adapters: str | Path | Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def _is_adapter(path: Path) -> bool:
+def parse_selection(items: Iterable[str]) -> dict[str, float]:
+    """CLI form NAME[=SCALE] ... -> {name: scale}."""
+    out = {}
+    for item in items:
+        name, _, scale = item.rpartition("=") if "=" in item else (item, "", "1")
+        try:
+            out[name] = float(scale)
+        except ValueError:
+            raise InputError(f"{item!r} is not NAME or NAME=SCALE", f"{scale!r} is not a number",
+                             "write e.g. sql or sql=0.5") from None
+    return out
+
+
+def _gguf_type(path: Path) -> str | None:
+    """general.type of a GGUF ('adapter', 'model' or None); an unreadable file is an error, not skipped."""
     try:
         field = GGUFFile(path).fields.get("general.type")
-        return field is not None and field.value == "adapter"
-    except (OSError, ValueError, struct.error):  # not a GGUF at all: not an adapter either
-        return False
+    except (OSError, ValueError, IndexError, struct.error) as e:
+        raise InputError(f"{path} is not a readable GGUF file", str(e) or type(e).__name__,
+                         "replace or remove it (convert the adapter again)") from None
+    return None if field is None else field.value
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -219,7 +236,7 @@ class ManagedServer:
         if not self.base.is_file():
             raise InputError(f"base model {self.base} does not exist", "", "pass the base GGUF the adapters were "
                              "converted for")
-        self.adapters = adapter_files(adapters) if adapters not in ((), [], None) else []
+        self.adapters = adapter_files(adapters) if adapters else []
         self.extra_args = list(extra_args)
         for arg in self.extra_args:
             if arg.split("=", 1)[0] in OWN_FLAGS:
@@ -227,6 +244,8 @@ class ManagedServer:
                                  "gguf-lora sets it itself to keep adapter switching exact",
                                  "use the matching gguf-lora option instead, or drop it")
         self.host, self.port = host, port or free_port(host)
+        if port:
+            _check_port_free(host, port)
         self.binary = find_tool("llama-server", llama_server)
         self.api_key, self.ready_timeout, self.initial = api_key, ready_timeout, scales
         self._tmp = None
@@ -235,6 +254,7 @@ class ManagedServer:
             log = Path(self._tmp.name) / "llama-server.log"
         self.log = Path(log)
         self.proc: subprocess.Popen | None = None
+        self.failed = False  # a failed start keeps its temporary log for the user to read
         self.client = LlamaServer(f"http://{_url_host(host)}:{self.port}", api_key, prompt_cache=True)
 
     @property
@@ -264,6 +284,7 @@ class ManagedServer:
                 self.client.use(self.initial)
         except ServerError as e:
             self.stop()
+            self.failed = True
             raise self.diagnose(e) from None
         except BaseException:
             self.stop()
@@ -275,7 +296,8 @@ class ManagedServer:
         text = self.log_tail(200)
         failed = re.search(r"failed to load lora adapter '([^']*)'", text)
         if failed:
-            reason = re.findall(r"(?:failed to apply lora adapter|llama_adapter_lora_init[^:]*): (.*)", text)
+            reason = (re.findall(r"failed to apply lora adapter: (.*)", text)
+                      or re.findall(r"llama_adapter_lora_init[^:]*: (.*)", text))
             return ServerError(f"llama-server refused adapter {failed.group(1)}",
                                reason[-1].strip() if reason else "see its log: " + str(self.log),
                                "check that the adapter was converted for this base "
@@ -305,7 +327,7 @@ class ManagedServer:
 
     def close(self) -> None:
         self.stop()
-        if self._tmp is not None:
+        if self._tmp is not None and not self.failed:
             self._tmp.cleanup()
             self._tmp = None
 
@@ -314,6 +336,15 @@ class ManagedServer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise InputError(f"cannot listen on {host}:{port}", e.strerror or str(e),
+                             "pass another --port (or stop what uses it)") from None
 
 
 def _url_host(host: str) -> str:
