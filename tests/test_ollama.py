@@ -100,6 +100,23 @@ def test_deploy_by_name_takes_adapter_path(standin, tiny_model, adapters):
     assert client.generate("tiny", PROMPTS[0], raw=True, options=options) == result.check[0]["base"]
 
 
+def test_gguf_lora_by_name_needs_no_local_store(standin, tiny_model, adapters, tmp_path):
+    """A GGUF LoRA on the adapter path never reads the base file, so a remote Ollama's store is not needed."""
+    result = deploy(adapters[1], tiny_model, "tiny-sql", client=Ollama(standin.url), prompts=PROMPTS,
+                    store=tmp_path / "not-a-store")
+    assert result.path == "adapter" and result.differs == 2
+    with pytest.raises(InputError, match="Ollama model tiny is not in the local store"):
+        deploy(adapters[0], tiny_model, "tiny-sql", client=Ollama(standin.url), store=tmp_path / "not-a-store")
+
+
+def test_show_parameters_are_read_back():
+    from gguf_lora.runtime.ollama import _parse_show_parameters
+
+    text = ('stop                           "<|im_end|>"\nstop                           "\\x01odd"\n'
+            'temperature                    0.7\nnum_ctx                        4096')
+    assert _parse_show_parameters(text) == {"stop": ["<|im_end|>", "\\x01odd"], "temperature": 0.7, "num_ctx": 4096}
+
+
 def test_deploy_merges_where_version_refuses_adapters(standin, tiny_model, adapters, monkeypatch, tmp_path):
     standin.version = "0.34.1"
     client = Ollama(standin.url)
@@ -205,6 +222,11 @@ def test_create_is_validated_like_ollama(standin, tiny_model, llama_base):
     standin.cut_create = False
     client.create("m", from_="tiny")
     assert sorted(m["name"] for m in client.list()) == ["m:latest", "tiny:latest"]
+    assert requests.post(f"{standin.url}/api/copy", json={"source": "m", "destination": "n:v2"},
+                         timeout=10).status_code == 200
+    r = requests.post(f"{standin.url}/api/copy", json={"source": "ghost", "destination": "n"}, timeout=10)
+    assert r.status_code == 404 and "not found" in r.json()["error"]
+    assert client.show("n:v2")["modelfile"] == client.show("m")["modelfile"]
 
 
 def test_unknown_models_are_404(standin):

@@ -7,9 +7,10 @@ cannot be written at all, so it is refused rather than silently cut.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..errors import InputError
 from ..output import atomic_output, check_output
@@ -181,7 +182,7 @@ def template_from_gguf(path: str | Path) -> ChatTemplate:
         raise InputError(f"{path} is not a GGUF file", "a chat template is read from a GGUF model's metadata",
                          "pass the base model's .gguf")
     fields = GGUFFile(path).fields
-    get = lambda k: fields[k].value if k in fields else None  # noqa: E731
+    get = lambda k: fields[k].value if k in fields else None
     tokens = get("tokenizer.ggml.tokens") or []
     stop: list[str] = []
     jinja = get("tokenizer.chat_template")

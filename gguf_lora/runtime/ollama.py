@@ -315,8 +315,8 @@ def _parse_show_parameters(text: str) -> dict[str, Any]:
             continue
         try:
             pairs.append((key, json.loads(value)))
-        except ValueError:
-            pairs.append((key, value))
+        except ValueError:  # Go's %#v can escape what JSON does not (\x..): keep the text inside the quotes
+            pairs.append((key, value[1:-1] if len(value) > 1 and value[0] == value[-1] == '"' else value))
     return group_params(pairs)
 
 
@@ -375,7 +375,7 @@ def deploy(adapter: str | Path, base: str | Path, name: str, *, client: Ollama, 
     else:
         base_name = str(base)
         info = client.show(base_name)  # also proves the server knows it
-        base_gguf = find_model_gguf(base_name, store)
+        base_gguf = None  # found in the store only when needed: a GGUF LoRA on the adapter path needs no base file
         carried = {k: info[k] for k in ("template", "system") if info.get(k)}
         params = _parse_show_parameters(info.get("parameters", ""))
         if params:
@@ -401,6 +401,7 @@ def deploy(adapter: str | Path, base: str | Path, name: str, *, client: Ollama, 
                 from ..convert import convert
 
                 say(f"converting {adapter} to a GGUF LoRA")
+                base_gguf = base_gguf or find_model_gguf(base_name, store)
                 lora = Path(convert(adapter, base_gguf, tmp / "adapter.gguf", outtype="f16").output)
             say("uploading the adapter")
             blobs["adapter.gguf"] = client.push_blob(lora)
@@ -420,6 +421,7 @@ def deploy(adapter: str | Path, base: str | Path, name: str, *, client: Ollama, 
         if route == "merged":
             from ..merge import merge
 
+            base_gguf = base_gguf or find_model_gguf(base_name, store)
             say(f"merging {adapter} into {base_gguf.name}")
             merged = tmp / "merged.gguf"
             merge(base_gguf, [(adapter, scale)], merged, outtype=outtype)
@@ -429,12 +431,12 @@ def deploy(adapter: str | Path, base: str | Path, name: str, *, client: Ollama, 
             client.create(name, files={"merged.gguf": blobs["merged.gguf"]}, **carried, progress=say)
 
     result = DeployResult(name, route, reason, version, str(base), blobs, template=template_note)
-    check(result, client, base_name, base_gguf, prompts, say)
+    post_deploy_check(result, client, base_name, base_gguf, prompts, say)
     return result
 
 
-def check(result: DeployResult, client: Ollama, base_name: str | None, base_gguf: Path, prompts: list[str],
-          say: Progress) -> None:
+def post_deploy_check(result: DeployResult, client: Ollama, base_name: str | None, base_gguf: Path | None,
+                      prompts: list[str], say: Progress) -> None:
     """Greedy completions on base and new model; all equal means Ollama ignored the adapter."""
     temp = None
     if base_name is None:
