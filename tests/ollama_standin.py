@@ -317,12 +317,13 @@ class StandIn:
                 yield {"status": "parsing GGUF"}
                 yield {"error": refusal}
                 return
+            added = None
             for fname, digest in req["adapters"].items():
                 yield {"status": "parsing GGUF"}
-                layer = yield from self.gguf_layer(digest, ADAPTER)
-                if layer is None:
+                added = yield from self.gguf_layer(digest, ADAPTER)
+                if added is None:
                     return
-                layers = [la for la in layers if la["mediaType"] != ADAPTER] + [layer]  # one adapter per create
+            layers.append(added)  # one adapter per create (the last wins); those of `from` stay: they stack
         params = dict(req.get("parameters") or {})
         for key in params:
             if key not in KNOWN_OPTIONS:
