@@ -61,6 +61,9 @@ class Http:
                                   "nothing listens there", "start the server or pass the right --url")
             raise ServerError(f"the connection to {self.name} at {self.url} broke during {call}",
                               f"{_root(e)} (did the server stop or crash?)", "check the server's log and retry")
+        except requests.exceptions.ChunkedEncodingError as e:  # the answer was cut off
+            raise ServerError(f"the connection to {self.name} at {self.url} broke during {call}",
+                              f"{_root(e)} (did the server stop or crash?)", "check the server's log and retry")
         except requests.exceptions.RequestException as e:
             raise ServerError(f"{call} to {self.name} at {self.url} failed", _root(e), "check the address")
         if r.status_code in ok:
