@@ -9,8 +9,16 @@ import pytest
 from typer.testing import CliRunner
 
 from gguf_lora.errors import InputError, OutputError
-from gguf_lora.runtime.modelfile import (FAMILIES, family_of, group_params, modelfile, parse_param, quote,
-                                         template_from_gguf, write_modelfile)
+from gguf_lora.runtime.modelfile import (
+    FAMILIES,
+    family_of,
+    group_params,
+    modelfile,
+    parse_param,
+    quote,
+    template_from_gguf,
+    write_modelfile,
+)
 
 runner = CliRunner()
 

@@ -372,3 +372,11 @@ def test_example_script(standin, tiny_model, adapters):
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("tiny-sql: adapter path on Ollama 0.12.0")
     assert lines[-1] == "check passed: 2 of 2 prompts changed; try it: ollama run tiny-sql"
+
+
+def test_standin_stops_its_runners(tmp_path, llama_base):
+    with StandIn(tmp_path / "ollama") as s:
+        import_gguf(s, llama_base[1], "tiny")
+        Ollama(s.url).generate("tiny", "abc", raw=True, options={"temperature": 0, "num_predict": 2})
+        procs = [server.proc for _, server in s.runners.values()]
+    assert len(procs) == 1 and procs[0].poll() is not None
