@@ -28,3 +28,4 @@ bench: setup llama-cpp
     {{py}} bench/bench_convert.py
     {{py}} bench/bench_merge.py --outtype q8_0
     {{py}} bench/bench_merge.py --outtype q4_k_m
+    {{py}} bench/bench_switch.py
