@@ -152,12 +152,17 @@ def test_template_from_non_gguf(tmp_path):
 # ---- the CLI command ----------------------------------------------------------------------------------------
 
 def _app():
+    """gguf-lora's app once cli.py registers the Ollama commands; until then a copy of its setup."""
+    import typer
+
     from gguf_lora.cli import app
     from gguf_lora.cli_ollama import register
 
-    if not any(getattr(c, "name", None) == "modelfile" for c in app.registered_commands):
-        register(app)
-    return app
+    if any(getattr(g, "name", None) == "ollama" for g in app.registered_groups):
+        return app
+    own = typer.Typer(add_completion=False, no_args_is_help=True)
+    register(own)
+    return own
 
 
 def test_cli_modelfile_with_template_from(chatml_base, tmp_path):

@@ -177,6 +177,12 @@ def test_deploy_input_errors(standin, adapters, llama_base, tmp_path):
     with pytest.raises(ServerError, match=r"Ollama at http://127.0.0.1:\d+ has no model llama3.2:1b. Model "
                                          r"'llama3.2:1b' not found. Pull it with 'ollama pull llama3.2:1b'"):
         deploy(adapters[0], "llama3.2:1b", "x", client=client)
+    with pytest.raises(InputError, match="The new model tiny:latest would replace its base tiny"):
+        deploy(adapters[0], "tiny", "tiny:latest", client=client)
+    with pytest.raises(InputError, match="Unknown output type 'q9'"):
+        deploy(adapters[0], llama_base[1], "x", client=client, outtype="q9")
+    with pytest.raises(InputError, match="Scale 0 is not usable"):
+        deploy(adapters[0], llama_base[1], "x", client=client, scale=0)
     assert standin.uploads == []  # nothing was sent before the inputs were known good
 
 
@@ -325,12 +331,17 @@ def test_store_errors(standin, tiny_model, monkeypatch, tmp_path):
 # ---- the CLI and the example ----------------------------------------------------------------------------------
 
 def _app():
+    """gguf-lora's app once cli.py registers the Ollama commands; until then a copy of its setup."""
+    import typer
+
     from gguf_lora.cli import app
     from gguf_lora.cli_ollama import register
 
-    if not any(getattr(g, "name", None) == "ollama" for g in app.registered_groups):
-        register(app)
-    return app
+    if any(getattr(g, "name", None) == "ollama" for g in app.registered_groups):
+        return app
+    own = typer.Typer(add_completion=False, no_args_is_help=True)
+    register(own)
+    return own
 
 
 def test_cli_deploy(standin, tiny_model, adapters):

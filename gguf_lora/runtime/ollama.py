@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import tempfile
@@ -336,6 +337,14 @@ def deploy(adapter: str | Path, base: str | Path, name: str, *, client: Ollama, 
     if not prompts:
         raise InputError("No prompts for the post-deploy check", "the check compares base and new model on prompts",
                          "pass at least one prompt")
+    from ..typerules import OUTTYPES
+
+    if outtype != "same" and outtype not in OUTTYPES:
+        raise InputError(f"Unknown output type {outtype!r}", "it is the tensor type of a merged model",
+                         f"choose one of same, {', '.join(OUTTYPES)}")
+    if scale == 0 or math.isnan(scale):
+        raise InputError(f"Scale {scale:g} is not usable", "at scale 0 (or NaN) the model would be the base, or broken",
+                         "pass a non-zero scale such as 1.0")
     adapter = Path(adapter)
     if _is_file_gguf(adapter):
         if _gguf_kind(adapter) != "adapter":
@@ -374,6 +383,9 @@ def deploy(adapter: str | Path, base: str | Path, name: str, *, client: Ollama, 
                          "check the path")
     else:
         base_name = str(base)
+        if parse_model_name(base_name) == parse_model_name(name):
+            raise InputError(f"The new model {name} would replace its base {base_name}",
+                             "Ollama overwrites a model created under an existing name", "choose another --name")
         info = client.show(base_name)  # also proves the server knows it
         base_gguf = None  # found in the store only when needed: a GGUF LoRA on the adapter path needs no base file
         carried = {k: info[k] for k in ("template", "system") if info.get(k)}
