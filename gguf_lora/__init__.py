@@ -4,7 +4,9 @@ __version__ = "0.1.0"
 from .convert import ConvertResult, convert  # noqa: E402
 from .merge import MergeResult, merge, quantize  # noqa: E402
 from .errors import (AdapterError, BaseMismatchError, GgufLoraError, InputError, OutputError,  # noqa: E402
-                     UnsupportedError)
+                     ServerError, UnsupportedError)
+from .runtime.llama_server import LlamaServer, ManagedServer  # noqa: E402
+from .runtime.ollama import Ollama  # noqa: E402
 
 __all__ = ["convert", "ConvertResult", "merge", "quantize", "MergeResult", "GgufLoraError", "InputError", "AdapterError", "UnsupportedError",
-           "BaseMismatchError", "OutputError", "__version__"]
+           "BaseMismatchError", "OutputError", "ServerError", "LlamaServer", "ManagedServer", "Ollama", "__version__"]
