@@ -246,6 +246,11 @@ def adapters_use(
         _fail(e)
 
 
+from .cli_ollama import register as _register_ollama  # noqa: E402  (ollama deploy, modelfile)
+
+_register_ollama(app)
+
+
 def main() -> None:
     # gguf-lora spreads its work over its own threads; BLAS threads on top oversubscribe the cores and
     # spin (a merge ran 40% slower). The command limits BLAS to one thread; the library leaves it alone.
