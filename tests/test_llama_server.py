@@ -165,6 +165,7 @@ def test_chat_with_adapter(managed):
 
 
 def test_adapter_names_ids_and_unknown(managed):
+    assert managed.props()["total_slots"] == 1
     assert managed.scales("sql") == {0: 0.0, 1: 1.0}
     assert managed.scales({"poem": 0.25, 1: 0.5}) == {0: 0.25, 1: 0.5}
     assert managed.scales(["poem.gguf"]) == {0: 1.0, 1: 0.0}
