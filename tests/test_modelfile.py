@@ -8,6 +8,7 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
+from gguf_lora.cli import app
 from gguf_lora.errors import InputError, OutputError
 from gguf_lora.runtime.modelfile import (
     FAMILIES,
@@ -151,24 +152,11 @@ def test_template_from_non_gguf(tmp_path):
 
 # ---- the CLI command ----------------------------------------------------------------------------------------
 
-def _app():
-    """gguf-lora's app once cli.py registers the Ollama commands; until then a copy of its setup."""
-    import typer
-
-    from gguf_lora.cli import app
-    from gguf_lora.cli_ollama import register
-
-    if any(getattr(g, "name", None) == "ollama" for g in app.registered_groups):
-        return app
-    own = typer.Typer(add_completion=False, no_args_is_help=True)
-    register(own)
-    return own
-
 
 def test_cli_modelfile_with_template_from(chatml_base, tmp_path):
     (tmp_path / "sql.gguf").write_bytes(b"GGUF")
     out = tmp_path / "Modelfile"
-    result = runner.invoke(_app(), ["modelfile", "--from", "qwen2.5:0.5b", "--adapter", str(tmp_path / "sql.gguf"),
+    result = runner.invoke(app, ["modelfile", "--from", "qwen2.5:0.5b", "--adapter", str(tmp_path / "sql.gguf"),
                                     "--system", "Answer in SQL.", "--template-from", str(chatml_base),
                                     "--param", "temperature=0", "-o", str(out)])
     assert result.exit_code == 0, result.output
@@ -182,10 +170,10 @@ def test_cli_modelfile_with_template_from(chatml_base, tmp_path):
 def test_cli_modelfile_errors_are_one_line(tmp_path):
     out = tmp_path / "Modelfile"
     out.write_text("FROM keep\n")
-    result = runner.invoke(_app(), ["modelfile", "--from", "m", "-o", str(out)])
+    result = runner.invoke(app, ["modelfile", "--from", "m", "-o", str(out)])
     assert result.exit_code == 1 and result.stdout == ""
     assert result.stderr.startswith(f"error: Output {out} already exists.") and result.stderr.count("\n") == 1
     assert out.read_text() == "FROM keep\n"
-    result = runner.invoke(_app(), ["modelfile", "--from", "m", "--system", 'x"""y', "-o", str(tmp_path / "M2")])
+    result = runner.invoke(app, ["modelfile", "--from", "m", "--system", 'x"""y', "-o", str(tmp_path / "M2")])
     assert result.exit_code == 1 and "cannot be written in a Modelfile" in result.stderr
     assert not (tmp_path / "M2").exists()

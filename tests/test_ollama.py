@@ -20,6 +20,7 @@ from llamacpp import free_port
 from ollama_standin import StandIn, import_gguf
 from typer.testing import CliRunner
 
+from gguf_lora.cli import app
 from gguf_lora.convert import convert
 from gguf_lora.errors import InputError, ServerError, UnsupportedError
 from gguf_lora.runtime.ollama import AdapterIgnoredError, Ollama, deploy, find_model_gguf, ollama_url, parse_model_name
@@ -330,28 +331,15 @@ def test_store_errors(standin, tiny_model, monkeypatch, tmp_path):
 
 # ---- the CLI and the example ----------------------------------------------------------------------------------
 
-def _app():
-    """gguf-lora's app once cli.py registers the Ollama commands; until then a copy of its setup."""
-    import typer
-
-    from gguf_lora.cli import app
-    from gguf_lora.cli_ollama import register
-
-    if any(getattr(g, "name", None) == "ollama" for g in app.registered_groups):
-        return app
-    own = typer.Typer(add_completion=False, no_args_is_help=True)
-    register(own)
-    return own
-
 
 def test_cli_deploy(standin, tiny_model, adapters):
     args = ["ollama", "deploy", str(adapters[0]), "--base", "tiny", "--name", "tiny-sql", "--url", standin.url,
             "--store", str(standin.store), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1]]
-    result = runner.invoke(_app(), args + ["--json"])
+    result = runner.invoke(app, args + ["--json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["path"] == "adapter" and doc["differs"] == 2 and doc["name"] == "tiny-sql"
-    result = runner.invoke(_app(), args + ["--merge"])
+    result = runner.invoke(app, args + ["--merge"])
     assert result.exit_code == 0, result.output
     assert result.stdout == ("created tiny-sql on Ollama 0.12.0: merged path (a merged deploy was asked for)\n"
                              "  check: 2 of 2 prompts answer differently from tiny; the adapter is applied\n")
@@ -362,12 +350,12 @@ def test_cli_deploy_errors(standin, tiny_model, adapters):
     base = ["ollama", "deploy", str(adapters[0]), "--base", "tiny", "--name", "tiny-sql", "--store",
             str(standin.store), "--prompt", PROMPTS[0]]
     port = free_port()
-    result = runner.invoke(_app(), base + ["--url", f"127.0.0.1:{port}"])
+    result = runner.invoke(app, base + ["--url", f"127.0.0.1:{port}"])
     assert result.exit_code == 1 and result.stdout == ""
     assert result.stderr == (f"error: Cannot reach Ollama at http://127.0.0.1:{port}. The connection was refused: "
                              "nothing listens there. Start the server or pass the right --url.\n")
     standin.ignore_adapters = True
-    result = runner.invoke(_app(), base + ["--url", standin.url, "--json"])
+    result = runner.invoke(app, base + ["--url", standin.url, "--json"])
     assert result.exit_code == 1
     doc = json.loads(result.stdout)  # the evidence, for scripts
     assert doc["differs"] == 0 and doc["error"].startswith("Ollama ignored the adapter")
