@@ -122,3 +122,15 @@ class GGUFFile:
         values = np.frombuffer(self._buf, dtype=np.dtype(fmt), count=count, offset=self._pos)
         self._pos += size * count
         return values.tolist()
+
+
+def general_type(path: str | Path) -> str | None:
+    """general.type of a GGUF ('adapter', 'model', or None when unset); an unreadable file is an error."""
+    from .errors import InputError
+
+    try:
+        field = GGUFFile(path).fields.get("general.type")
+    except (OSError, ValueError, IndexError, struct.error) as e:
+        raise InputError(f"{path} is not a readable GGUF file", str(e) or type(e).__name__,
+                         "replace or remove it (convert the adapter again)") from None
+    return None if field is None else field.value

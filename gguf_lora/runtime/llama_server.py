@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 import signal
 import socket
-import struct
 import subprocess
 import tempfile
 import time
@@ -23,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import InputError, ServerError
-from ..gguf_read import GGUFFile
+from ..gguf_read import general_type
 from ..llama_cpp import find_tool
 from .http import Http
 
@@ -173,14 +172,14 @@ def adapter_files(adapters: str | Path | Iterable[str | Path]) -> list[Path]:
     files: list[Path] = []
     for item in map(Path, items):
         if item.is_dir():
-            found = [p for p in sorted(item.glob("*.gguf")) if _gguf_type(p) == "adapter"]
+            found = [p for p in sorted(item.glob("*.gguf")) if general_type(p) == "adapter"]
             if not found:
                 raise InputError(f"{item} holds no GGUF LoRA adapter", "no *.gguf file there has "
                                  "general.type=adapter", "convert adapters into it (gguf-lora convert ... -o DIR/NAME.gguf)")
             files += found
         elif not item.is_file():
             raise InputError(f"adapter {item} does not exist", "", "check the path")
-        elif _gguf_type(item) != "adapter":
+        elif general_type(item) != "adapter":
             raise InputError(f"{item} is not a GGUF LoRA adapter", "its general.type is not 'adapter'",
                              "pass adapters converted with gguf-lora convert")
         else:
@@ -204,16 +203,6 @@ def parse_selection(items: Iterable[str]) -> dict[str, float]:
             raise InputError(f"{item!r} is not NAME or NAME=SCALE", f"{scale!r} is not a number",
                              "write e.g. sql or sql=0.5") from None
     return out
-
-
-def _gguf_type(path: Path) -> str | None:
-    """general.type of a GGUF ('adapter', 'model' or None); an unreadable file is an error, not skipped."""
-    try:
-        field = GGUFFile(path).fields.get("general.type")
-    except (OSError, ValueError, IndexError, struct.error) as e:
-        raise InputError(f"{path} is not a readable GGUF file", str(e) or type(e).__name__,
-                         "replace or remove it (convert the adapter again)") from None
-    return None if field is None else field.value
 
 
 def free_port(host: str = "127.0.0.1") -> int:

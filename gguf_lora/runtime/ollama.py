@@ -7,7 +7,6 @@ and on the new model must differ somewhere, or it is an error.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import GgufLoraError, InputError, ServerError, UnsupportedError
+from ..gguf_read import general_type
+from ..peft import sha256_file
 from .http import Http
 
 DEFAULT_PORT = 11434
@@ -28,7 +29,6 @@ MODEL_MEDIA = "application/vnd.ollama.image.model"
 ADAPTER_MEDIA = "application/vnd.ollama.image.adapter"
 MIN_VERSION = (0, 5, 5)  # the JSON create API (files / adapters / from)
 ADAPTERS_REFUSED = (0, 34, 1)  # reported: from here `create` rejects ADAPTER
-CHUNK = 1 << 20
 DEFAULT_PROMPTS = ("The capital of France is", "Once upon a time", "def fibonacci(n):")
 CHECK_OPTIONS = {"temperature": 0, "seed": 1, "top_k": 1, "num_predict": 8}
 
@@ -76,12 +76,8 @@ def parse_version(text: str) -> tuple[int, int, int]:
 
 
 def file_digest(path: Path) -> str:
-    """sha256:<hex> of a file, read in chunks (a model is gigabytes; memory stays one chunk)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
+    """sha256:<hex> of a file, Ollama's blob name (read in chunks: a model is gigabytes)."""
+    return "sha256:" + sha256_file(path)
 
 
 class Ollama:
@@ -291,13 +287,6 @@ class DeployResult:
         return {**asdict(self), "differs": self.differs}
 
 
-def _gguf_kind(path: Path) -> str | None:
-    from ..gguf_read import GGUFFile
-
-    f = GGUFFile(path).fields.get("general.type")
-    return f.value if f else None
-
-
 def _is_file_gguf(path: Path) -> bool:
     from ..base import is_gguf
 
@@ -347,7 +336,7 @@ def deploy(adapter: str | Path, base: str | Path, name: str, *, client: Ollama, 
                          "pass a non-zero scale such as 1.0")
     adapter = Path(adapter)
     if _is_file_gguf(adapter):
-        if _gguf_kind(adapter) != "adapter":
+        if general_type(adapter) != "adapter":
             raise InputError(f"{adapter} is a GGUF but not an adapter (general.type is not 'adapter')",
                              "Ollama would silently store it as a second model instead of applying it",
                              "pass a GGUF LoRA (gguf-lora convert) or the PEFT folder")
@@ -368,7 +357,7 @@ def deploy(adapter: str | Path, base: str | Path, name: str, *, client: Ollama, 
     base_path = Path(str(base)).expanduser()
     if _is_file_gguf(base_path):
         base_gguf = base_path
-        if _gguf_kind(base_gguf) == "adapter":
+        if general_type(base_gguf) == "adapter":
             raise InputError(f"Base {base_gguf} is a GGUF LoRA adapter, not a model", "", "pass the base model")
         from .modelfile import template_from_gguf
 
