@@ -39,4 +39,15 @@ class OutputError(GgufLoraError):
 
 
 class ServerError(GgufLoraError):
-    """A server (llama-server, Ollama) is unreachable, refused a request, failed it, or answered nonsense."""
+    """A server (llama-server, Ollama) is unreachable, refused a request, failed it, or answered nonsense.
+
+    `status` is the HTTP status when the server answered with an error status, else None.
+    """
+
+    def __init__(self, what: str, why: str = "", fix: str = "", status: int | None = None):
+        super().__init__(what, why, fix)
+        self.status = status
+
+
+class ServerUnreachable(ServerError):
+    """Nothing listens at the address (connection refused): not started yet, stopped, or the wrong URL."""

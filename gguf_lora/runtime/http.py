@@ -11,7 +11,7 @@ from typing import Any
 
 import requests
 
-from ..errors import ServerError
+from ..errors import ServerError, ServerUnreachable
 
 CONNECT_TIMEOUT = 5.0
 
@@ -57,7 +57,7 @@ class Http:
                               "it is busy, stuck or overloaded", "retry, or give it a longer timeout")
         except requests.exceptions.ConnectionError as e:
             if _is_refused(e):
-                raise ServerError(f"cannot reach {self.name} at {self.url}", "the connection was refused: "
+                raise ServerUnreachable(f"cannot reach {self.name} at {self.url}", "the connection was refused: "
                                   "nothing listens there", "start the server or pass the right --url")
             raise ServerError(f"the connection to {self.name} at {self.url} broke during {call}",
                               f"{_root(e)} (did the server stop or crash?)", "check the server's log and retry")
@@ -72,12 +72,14 @@ class Http:
         r.close()
         if r.status_code in (401, 403):
             raise ServerError(f"{self.name} at {self.url} refused {call} ({r.status_code} unauthorized)", msg,
-                              self.auth_fix)
+                              self.auth_fix, status=r.status_code)
         if r.status_code == 503:
-            raise ServerError(f"{self.name} at {self.url} is not ready (503)", msg, "wait until it has loaded")
+            raise ServerError(f"{self.name} at {self.url} is not ready (503)", msg, "wait until it has loaded",
+                              status=503)
         kind = "rejected" if r.status_code < 500 else "failed"
         raise ServerError(f"{self.name} {kind} {call} ({r.status_code})", msg,
-                          "check the request" if r.status_code < 500 else "check the server's log")
+                          "check the request" if r.status_code < 500 else "check the server's log",
+                          status=r.status_code)
 
     def json(self, method: str, path: str, **kwargs) -> Any:
         r = self.request(method, path, **kwargs)

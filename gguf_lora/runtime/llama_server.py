@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import InputError, ServerError
+from ..errors import InputError, ServerError, ServerUnreachable
 from ..gguf_read import general_type
 from ..llama_cpp import find_tool
 from .http import Http
@@ -77,10 +77,8 @@ class LlamaServer:
                 if self.ready():
                     return
                 last = "it answered 503 (still loading the model)"
-            except ServerError as e:
-                if "refused" not in str(e) and "not ready" not in str(e):
-                    raise
-                last = str(e.why or e.what)
+            except ServerUnreachable as e:  # not listening yet
+                last = e.why
             if time.monotonic() >= deadline:
                 raise ServerError(f"llama-server at {self.url} was not ready after {timeout:g} s", last,
                                   "check that it runs and its log; a large model may need a longer wait")

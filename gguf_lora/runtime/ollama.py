@@ -148,7 +148,7 @@ class Ollama:
         try:
             return call()
         except ServerError as e:
-            if "(404)" not in e.what:
+            if e.status != 404:
                 raise
             raise ServerError(f"Ollama at {self.url} has no model {model}", e.why,
                               f"pull it with 'ollama pull {model}' or check the name with 'ollama list'") from None
