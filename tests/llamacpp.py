@@ -4,7 +4,6 @@ These are the independent references: llama.cpp's own converter writes every bas
 """
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import requests
 
 from gguf_lora.llama_cpp import find_source_file, find_tool
+from gguf_lora.runtime.llama_server import free_port
 
 
 def hf_to_gguf(hf_folder: Path, out: Path, outtype: str = "f32") -> Path:
@@ -52,12 +52,6 @@ def assert_same_tensors(ours: Path, theirs: Path) -> None:
         x, y = np.asarray(a[name].data).view(np.uint8), np.asarray(b[name].data).view(np.uint8)
         if not np.array_equal(x, y):
             raise AssertionError(f"{name} ({a[name].tensor_type.name}): {int((x != y).sum())} of {x.size} bytes differ")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
