@@ -8,7 +8,7 @@ from typing import Any
 from .base import is_gguf, load_base
 from .gguf_read import GGUFFile
 from .errors import GgufLoraError, InputError
-from .convert import plan, resolve_base, target_shape
+from .mapping import plan, resolve_base, target_shape
 from .peft import PeftAdapter, load_adapter
 
 

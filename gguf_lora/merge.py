@@ -17,7 +17,8 @@ import numpy as np
 
 from . import __version__
 from .base import BaseModel, is_gguf, read_gguf_base
-from .convert import Progress, pair_arrays, plan, target_shape, transform_rows
+from .convert import Progress
+from .mapping import bias_target, pair_arrays, plan, replacement_target, target_shape, transform_rows
 from .gguf_read import GGUFFile
 from .errors import AdapterError, BaseMismatchError, InputError, UnsupportedError
 from .output import TensorSpec, atomic_output, check_output, write_gguf
@@ -100,36 +101,6 @@ def _gguf_lora(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, lis
     return out, sha256_file(path)
 
 
-def _replacement_target(module: str, base: BaseModel) -> tuple[str, tuple[str, ...]]:
-    arch = base.arch
-    module = arch.normalize_module(module)
-    leaf = module.rsplit(".", 1)[-1]
-    if leaf not in arch.lora_targets:
-        raise UnsupportedError(f"Adapter fully trains {module} (modules_to_save)", "gguf-lora merges trained "
-                               f"weights only for {', '.join(sorted(arch.lora_targets))}, whose GGUF layout it knows",
-                               "merge it in PyTorch (merge_and_unload) and convert the model")
-    name = "output.weight" if leaf == "lm_head" else arch.name_map(base.n_layers).get_name(
-        module + ".weight", try_suffixes=(".weight",))
-    if leaf in ("lm_head", "embed_tokens") and base.tied_embeddings and not arch.output_slot:
-        raise UnsupportedError(f"Adapter fully trains {module}, and {arch.name} always ties its output projection "
-                               "to token_embd in llama.cpp", "PEFT changes only one of them",
-                               "retrain without embed_tokens / lm_head in modules_to_save")
-    return name, arch.transforms.get(leaf, ())
-
-
-def _bias_target(module: str, base: BaseModel) -> tuple[str, tuple[str, ...]]:
-    """GGUF name of a module's bias; it must exist in the base or have a slot in llama.cpp's graph."""
-    arch = base.arch
-    module = arch.normalize_module(module)
-    name = arch.name_map(base.n_layers).get_name(module + ".bias", try_suffixes=(".bias",))
-    stem = name.split(".")[-2] if name else None
-    if name is None or (name not in base.tensors and stem not in arch.bias_slots):
-        raise UnsupportedError(f"Adapter trains a bias for {module}", f"{arch.name} in llama.cpp has no bias for "
-                               f"{name or 'that module'}, so the merged model cannot carry it",
-                               "retrain with bias='none' and lora_bias=False for that module")
-    return name, arch.transforms.get(module.rsplit(".", 1)[-1], ())
-
-
 def _peft(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, list[Contribution]], str]:
     adapter = load_adapter(path)
     features = adapter.unsupported_features(merging=True)
@@ -139,7 +110,7 @@ def _peft(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, list[Con
                                "that in yet", "merge it in PyTorch (merge_and_unload) and convert the model")
     out: dict[str, list[Contribution]] = defaultdict(list)
     for module, key in adapter.replacements().items():
-        name, transforms = _replacement_target(module, base)
+        name, transforms = replacement_target(module, base)
         want = base.tensors.get(name) or base.tensors["token_embd.weight"]
         if adapter.shape(key) != tuple(want):
             raise BaseMismatchError(f"Adapter's trained {module} has shape {adapter.shape(key)}, base {name} is "
@@ -148,7 +119,7 @@ def _peft(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, list[Con
         out[name].append(Contribution(path.name, replace=load))
     lora_bias, trained_bias = adapter.biases()
     for module, key in {**trained_bias, **lora_bias}.items():
-        name, transforms = _bias_target(module, base)
+        name, transforms = bias_target(module, base)
         if module in lora_bias and module not in adapter.pairs:
             raise AdapterError(f"{path}: {key} has no LoRA pair", "the file is inconsistent", "re-save the adapter")
         if module in lora_bias:
@@ -169,7 +140,7 @@ def _peft(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, list[Con
             mag = lambda k=magnitudes[p.pair.module], t=p.transforms: transform_rows(  # noqa: E731
                 adapter.read(k), t, base)
         load = lambda p=p: pair_arrays(adapter, p, base)  # noqa: E731
-        out[p.gguf_name].append(Contribution(path.name, scale * (alpha / p.pair.rank if alpha else 1.0), load, mag))
+        out[p.gguf_name].append(Contribution(path.name, scale * (alpha / p.rank if alpha else 1.0), load, mag))
     return out, adapter.content_hash()
 
 

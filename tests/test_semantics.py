@@ -115,7 +115,7 @@ def test_trim_vocab_cuts_embedding_lora_to_the_base_rows(tmp_path):
     LoRA's lora_a (vocab, r) is cut the same way, and an HF-config-only base (rows unknown) is refused."""
     from gguf_lora.archs import archs
     from gguf_lora.base import BaseModel
-    from gguf_lora.convert import pair_arrays, plan
+    from gguf_lora.mapping import pair_arrays, plan
     from gguf_lora.errors import InputError
     from safetensors.numpy import save_file
 

@@ -1,0 +1,318 @@
+"""Where each PEFT tensor lands in a GGUF model, and how: the one place convert, merge and inspect read.
+
+A PEFT adapter holds a low-rank pair per HF module (lora_A (r, in), lora_B (out, r)); llama.cpp applies a
+pair per GGUF tensor. Between the two lie:
+- names: HF module -> GGUF tensor (gguf-py's TensorNameMap, archs.json's module prefixes);
+- transforms, one function each, named per architecture in archs.json: row transforms of lora_B (the q/k
+  rotary permutation), the embedding's vocabulary cut;
+- parts: a GGUF pair is assembled from Parts, each one PEFT pair's share: some of its B rows (a split of a
+  fused module), landing at some output rows and rank columns of the target (several modules fused into one
+  GGUF tensor: A concatenated along the rank, B block-diagonal). Today every module maps onto one tensor
+  whole; splits and fused targets are chosen by which tensors exist in the base;
+- the scale fold: PEFT's per-module scale folded into B, so that llama.cpp's alpha / rank reproduces it.
+
+The same plan serves `convert` (written as a GGUF LoRA), `merge` (baked into the weights) and `inspect`
+(does it fit?), so the three cannot disagree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .archs import permute_rows
+from .base import BaseModel, load_base
+from .errors import AdapterError, BaseMismatchError, GgufLoraError, InputError, UnsupportedError
+from .peft import LoraPair, PeftAdapter
+
+# Row transforms archs.json may name for a module, applied to lora_B (or any tensor with the module's output
+# rows: DoRA magnitudes, trained weights and biases in a merge). trim_vocab is a cut of the embedding's
+# lora_A rows, decided in plan (it needs the base's row count).
+ROW_TRANSFORMS: dict[str, Callable[[np.ndarray, BaseModel], np.ndarray]] = {
+    "permute_q": lambda arr, base: permute_rows(arr, base.n_head),
+    "permute_k": lambda arr, base: permute_rows(arr, base.n_head_kv),
+}
+
+
+@dataclass(frozen=True)
+class Part:
+    """One PEFT pair's share of a GGUF pair: lora_B rows `rows` (after `transforms`, times `fold`) land at
+    output rows `offset`.. and rank columns `rank_offset`.. of the target; its lora_A fills those rank rows."""
+
+    pair: LoraPair
+    transforms: tuple[str, ...] = ()
+    fold: float = 1.0  # lora_b *= fold, so that alpha_file / rank * fold == PEFT's scale
+    rows: tuple[int, int | None, int] | None = None  # (start, stop, step) of B's rows; None: all
+    offset: int = 0
+    rank_offset: int = 0
+
+
+@dataclass
+class PlannedPair:
+    """A GGUF pair: the base tensor it adds to, the shapes written, and the parts it is made of."""
+
+    gguf_name: str  # base tensor name, e.g. blk.0.attn_q.weight
+    parts: tuple[Part, ...]
+    a_shape: tuple[int, ...]  # lora_a in llama.cpp's layout, numpy order (token_embd: (vocab, r))
+    b_shape: tuple[int, ...]
+
+    @property
+    def rank(self) -> int:
+        return self.b_shape[-1]
+
+    @property
+    def pair(self) -> LoraPair:
+        """The PEFT pair this one comes from (the first, for a fused target)."""
+        return self.parts[0].pair
+
+    @property
+    def transforms(self) -> tuple[str, ...]:
+        return self.parts[0].transforms
+
+    @property
+    def fold(self) -> float:
+        return self.parts[0].fold
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted({p.pair.module for p in self.parts})
+
+
+def refuse_unsupported(adapter: PeftAdapter) -> None:
+    """A GGUF LoRA carries low-rank pairs only: name the first feature it cannot carry."""
+    features = adapter.unsupported_features()
+    if features:
+        feature, names = features[0]
+        more = f" (also: {', '.join(f for f, _ in features[1:])})" if len(features) > 1 else ""
+        raise UnsupportedError(f"Adapter {adapter.path} has {feature}, e.g. {names[0]}{more}",
+                               "a GGUF LoRA file carries only low-rank pairs, so llama.cpp cannot apply this",
+                               "bake it into the model with 'gguf-lora merge' instead")
+
+
+def resolve_base(adapter: PeftAdapter, base: str | Path | None) -> BaseModel:
+    """The base the adapter lands on: the one given (checked against the one it was trained on, when that is
+    a local folder), else its base_model_name_or_path when that is a local folder."""
+    hint = adapter.config.get("base_model_name_or_path")
+    if base is not None:
+        model = load_base(base)
+        recorded = Path(hint).expanduser() if hint else None
+        if recorded and recorded.exists() and Path(base).resolve() != recorded.resolve():
+            try:
+                trained_on = load_base(recorded).arch.name
+            except GgufLoraError:
+                trained_on = None  # unreadable or unsupported: the pair checks still apply
+            if trained_on and trained_on != model.arch.name:
+                raise BaseMismatchError(f"Adapter {adapter.path} was trained on {hint} ({trained_on}) but base "
+                                        f"{base} is {model.arch.name}", "llama.cpp refuses a LoRA of another "
+                                        "architecture, and the numbers would be meaningless anyway",
+                                        "pass the adapter's own base model")
+        return model
+    if hint and Path(hint).expanduser().exists():
+        return load_base(Path(hint).expanduser())
+    said = f" (its base_model_name_or_path {hint!r} is not a local folder)" if hint else ""
+    raise InputError(f"No base model for {adapter.path}{said}",
+                     "the base tells the architecture, the q/k layout and every shape to check",
+                     "pass --base BASE.gguf (the model you run) or --base HF_MODEL_FOLDER")
+
+
+def target_shape(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The base tensor shape a pair in llama.cpp's layout fits (token_embd's pair is stored flipped)."""
+    return (a_shape[0], b_shape[0]) if name == "token_embd.weight" else (b_shape[0], a_shape[1])
+
+
+def _gguf_name(base: BaseModel, module: str) -> str | None:
+    return base.arch.name_map(base.n_layers).get_name(module + ".weight", try_suffixes=(".weight",))
+
+
+def _fold(scale: float, alpha: float, rank: int) -> float:
+    """The factor folded into lora_b so that llama.cpp's alpha / rank (or 1 when alpha is 0) gives `scale`."""
+    return scale / (alpha / rank) if alpha else scale
+
+
+def _land(pair: LoraPair, base: BaseModel, alpha: float, merging: bool) -> list[PlannedPair]:
+    """The GGUF pairs one PEFT pair becomes (today exactly one: its module's tensor), validated."""
+    arch = base.arch
+    module = arch.normalize_module(pair.module)
+    leaf = module.rsplit(".", 1)[-1]
+    gguf_name = _gguf_name(base, module)
+    untie = merging and arch.output_slot
+    if leaf == "lm_head" and untie:
+        gguf_name = "output.weight"
+    if base.tied_embeddings and not untie and (leaf == "lm_head" or
+                                               gguf_name in ("output.weight", "token_embd.weight")):
+        if merging:
+            raise UnsupportedError(f"Adapter trains {pair.module}, and {arch.name} always ties its output "
+                                   "projection to token_embd in llama.cpp", "PEFT changes only one of them, so "
+                                   "no merged file can behave the same", "retrain without embed_tokens / lm_head")
+        raise UnsupportedError(f"Adapter trains {pair.module}, and base {base.source} ties its output projection "
+                               "to token_embd", "llama.cpp would apply an embedding or lm_head LoRA to both "
+                               "(llama-server aborts on such a file) while PEFT changes only one",
+                               "bake it in with 'gguf-lora merge' instead")
+    if leaf not in arch.lora_targets:
+        raise UnsupportedError(
+            f"Adapter targets {pair.module}, which gguf-lora cannot convert for {arch.name}",
+            f"only {', '.join(sorted(arch.lora_targets))} map onto one GGUF tensor without an unimplemented "
+            "transform (fused or stacked tensors)", "retrain without that target, or use 'gguf-lora merge'")
+    if gguf_name is None:
+        raise BaseMismatchError(f"Adapter targets {pair.module}, which has no tensor in a {arch.name} model",
+                                "the adapter was trained on another architecture", "pass the adapter's own base")
+    if pair.embedding != (gguf_name == "token_embd.weight"):
+        raise AdapterError(f"Module {pair.module} has {'embedding' if pair.embedding else 'linear'} LoRA weights "
+                           f"but maps to {gguf_name}", "the adapter does not fit this architecture",
+                           "pass the adapter's own base")
+    transforms = arch.transforms.get(leaf, ())
+    a_shape, b_shape = pair.a_shape, pair.b_shape
+    if pair.embedding:
+        a_shape = (a_shape[1], a_shape[0])  # llama.cpp reads token_embd.lora_a as (vocab, r)
+    if base.tensors is not None:
+        if gguf_name == "output.weight" and base.tied_embeddings and untie:
+            want = base.tensors["token_embd.weight"]
+        elif gguf_name not in base.tensors:
+            raise BaseMismatchError(f"Adapter targets {pair.module} ({gguf_name}), which base {base.source} "
+                                    "does not have", "the adapter was trained on another model",
+                                    "pass the adapter's own base")
+        else:
+            want = base.tensors[gguf_name]
+        if pair.embedding and "trim_vocab" in transforms and a_shape[0] > want[0]:
+            a_shape = (want[0], a_shape[1])
+        got = target_shape(gguf_name, a_shape, b_shape)
+        if tuple(want) != got:
+            raise BaseMismatchError(f"Adapter module {pair.module} has shape {got} but base tensor {gguf_name} "
+                                    f"is {tuple(want)}", "the adapter was trained on another model size",
+                                    "pass the adapter's own base")
+    elif "trim_vocab" in transforms and pair.embedding:
+        raise InputError(f"Adapter trains embed_tokens of a {arch.name} model, whose GGUF drops unused vocabulary "
+                         "rows", "the number of rows kept is known only from the base GGUF",
+                         "pass --base BASE.gguf")
+    part = Part(pair, transforms, _fold(pair.scale, alpha, pair.rank))
+    return [PlannedPair(gguf_name, (part,), a_shape, b_shape)]
+
+
+def plan(adapter: PeftAdapter, base: BaseModel, merging: bool = False) -> tuple[float, list[PlannedPair]]:
+    """Validate every pair against the base and decide names, parts, transforms and the file alpha.
+
+    merging: the pairs are baked into the weights, so a tied base is no obstacle where the architecture
+    has a slot for a separate output tensor (an lm_head pair then lands on a new output.weight)."""
+    if not merging:
+        refuse_unsupported(adapter)
+    alpha = float(adapter.config["lora_alpha"])
+    planned: list[PlannedPair] = []
+    for pair in adapter.pairs.values():
+        planned.extend(_land(pair, base, alpha, merging))
+    check_base_copies(adapter, base)
+    if not planned:
+        raise AdapterError(f"Adapter {adapter.path} holds no LoRA pairs", "", "check the adapter folder")
+    planned.sort(key=lambda p: tensor_order(p.gguf_name))
+    return alpha, planned
+
+
+def check_base_copies(adapter: PeftAdapter, base: BaseModel) -> None:
+    """PEFT saves the base's own embed_tokens / lm_head when they are LoRA targets (save_embedding_layers).
+    They add nothing when they equal the base; if they differ (resized or trained vocabulary) a LoRA file
+    cannot carry them. A sample of rows is compared: a model-sized vocabulary is never loaded whole."""
+    replaced = adapter.replacements()  # modules_to_save: trained, not copies (refused by convert, merged by merge)
+    for module, key in adapter.base_copies.items():
+        if module in replaced:
+            continue
+        gguf_name = _gguf_name(base, base.arch.normalize_module(module))
+        if gguf_name == "output.weight" and base.tied_embeddings:
+            gguf_name = "token_embd.weight"
+        if base.tensors is None:
+            continue  # a bare config.json: nothing to compare with
+        if gguf_name not in base.tensors:
+            raise BaseMismatchError(f"Adapter carries a copy of {module}, which base {base.source} does not have",
+                                    "the adapter was trained on another model", "pass the adapter's own base")
+        shape, want_shape = adapter.shape(key), tuple(base.tensors[gguf_name])
+        if shape != want_shape:
+            raise UnsupportedError(f"Adapter carries {module} of shape {shape}, base {gguf_name} is {want_shape}",
+                                   "the vocabulary was resized during training, and a LoRA file cannot add tokens",
+                                   "bake it in with 'gguf-lora merge', or pass the base with the resized vocabulary")
+        rows = np.unique(np.linspace(0, shape[0] - 1, num=min(shape[0], 512)).astype(np.int64))
+        stored = base.read_tensor(gguf_name, rows)
+        if stored is None:
+            continue  # shapes known, weights not (should not happen with a GGUF or safetensors base)
+        want, qtype = stored
+        got = adapter.read(key, rows)
+        quantized = qtype not in ("F32", "F16", "BF16")
+        rel = float(np.linalg.norm(got - want) / max(float(np.linalg.norm(want)), 1e-30))
+        if rel > (0.2 if quantized else 1e-2):
+            raise UnsupportedError(f"Adapter carries a {module} that differs from the base's {gguf_name} "
+                                   f"(relative difference {rel:.3g})", "those weights were trained or replaced, "
+                                   "and a LoRA file carries only low-rank pairs",
+                                   "bake it in with 'gguf-lora merge' instead")
+
+
+def tensor_order(name: str) -> tuple:
+    """llama.cpp's converters write token_embd first, then the blocks in order, then the rest."""
+    parts = name.split(".")
+    return (0, int(parts[1]), name) if parts[0] == "blk" else (-1 if name.startswith("token") else 1, 0, name)
+
+
+def transform_rows(arr: np.ndarray, transforms: tuple[str, ...], base: BaseModel) -> np.ndarray:
+    """The row transforms the converter applies to a module's output rows (q/k permutation), on lora_b,
+    or on any full tensor with those rows (DoRA magnitudes, trained weights and biases in a merge)."""
+    for t in transforms:
+        if t in ROW_TRANSFORMS:
+            arr = ROW_TRANSFORMS[t](arr, base)
+    return arr
+
+
+def _part_arrays(adapter: PeftAdapter, part: Part, a_rows: int, base: BaseModel) -> tuple[np.ndarray, np.ndarray]:
+    """One part's lora_a (r, in) and lora_b rows (n, r), transformed and folded, float32."""
+    a = adapter.read(part.pair.a_key)
+    b = transform_rows(adapter.read(part.pair.b_key), part.transforms, base)
+    if part.rows is not None:
+        b = b[slice(*part.rows)]
+    if part.pair.embedding:
+        a = a.T[:a_rows]
+    if part.fold != 1.0:
+        b = b * np.float32(part.fold)
+    return a, b
+
+
+def pair_arrays(adapter: PeftAdapter, p: PlannedPair, base: BaseModel) -> tuple[np.ndarray, np.ndarray]:
+    """lora_a and lora_b in llama.cpp's layout, float32, every transform and the scale fold applied."""
+    whole = len(p.parts) == 1 and p.parts[0].rows is None and not p.parts[0].offset
+    if whole:
+        a, b = _part_arrays(adapter, p.parts[0], p.a_shape[0], base)
+        return np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(b, dtype=np.float32)
+    a = np.zeros(p.a_shape, np.float32)
+    b = np.zeros(p.b_shape, np.float32)
+    for part in p.parts:
+        pa, pb = _part_arrays(adapter, part, p.a_shape[0], base)
+        r = pa.shape[0]
+        a[part.rank_offset:part.rank_offset + r] = pa  # parts of one source share its rank columns
+        b[part.offset:part.offset + pb.shape[0], part.rank_offset:part.rank_offset + r] = pb
+    return a, b
+
+
+def replacement_target(module: str, base: BaseModel) -> tuple[str, tuple[str, ...]]:
+    """GGUF name and row transforms of a module that modules_to_save trains fully (merge replaces it)."""
+    arch = base.arch
+    module = arch.normalize_module(module)
+    leaf = module.rsplit(".", 1)[-1]
+    if leaf not in arch.lora_targets:
+        raise UnsupportedError(f"Adapter fully trains {module} (modules_to_save)", "gguf-lora merges trained "
+                               f"weights only for {', '.join(sorted(arch.lora_targets))}, whose GGUF layout it knows",
+                               "merge it in PyTorch (merge_and_unload) and convert the model")
+    name = "output.weight" if leaf == "lm_head" else _gguf_name(base, module)
+    if leaf in ("lm_head", "embed_tokens") and base.tied_embeddings and not arch.output_slot:
+        raise UnsupportedError(f"Adapter fully trains {module}, and {arch.name} always ties its output projection "
+                               "to token_embd in llama.cpp", "PEFT changes only one of them",
+                               "retrain without embed_tokens / lm_head in modules_to_save")
+    return name, arch.transforms.get(leaf, ())
+
+
+def bias_target(module: str, base: BaseModel) -> tuple[str, tuple[str, ...]]:
+    """GGUF name of a module's bias; it must exist in the base or have a slot in llama.cpp's graph."""
+    arch = base.arch
+    module = arch.normalize_module(module)
+    name = arch.name_map(base.n_layers).get_name(module + ".bias", try_suffixes=(".bias",))
+    stem = name.split(".")[-2] if name else None
+    if name is None or (name not in base.tensors and stem not in arch.bias_slots):
+        raise UnsupportedError(f"Adapter trains a bias for {module}", f"{arch.name} in llama.cpp has no bias for "
+                               f"{name or 'that module'}, so the merged model cannot carry it",
+                               "retrain with bias='none' and lora_bias=False for that module")
+    return name, arch.transforms.get(module.rsplit(".", 1)[-1], ())
