@@ -167,6 +167,11 @@ class Router:
             raise InputError(f"unknown-model policy {unknown_model!r} is not one of {', '.join(UNKNOWN_MODEL)}", "",
                              "pass error (a 404 listing the models) or selection (the 'adapters use' selection)")
         stems = {p.stem for p in self.files}
+        for name in scales or {}:
+            if name not in stems:
+                raise InputError(f"no adapter named {name!r} on the server",
+                                 f"it has: {', '.join(sorted(stems)) or 'none'}",
+                                 "use one of those names (gguf-lora adapters list)")
         if self.base.stem in stems:
             raise InputError(f"adapter {self.base.stem!r} has the base model's name", "clients pick models by name",
                              "rename the adapter file")
