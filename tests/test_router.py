@@ -413,3 +413,59 @@ def test_a_dying_llama_server_is_fatal(chat_model, tmp_path):
             requests.get(r.url + "/health", timeout=2)
     finally:
         r.stop()
+
+
+def test_adapter_folder_changes_restart_llama_server_without_failing_a_request(chat_model, tmp_path):
+    """Added, refused and removed adapter files are picked up; requests meanwhile are held, none fails."""
+    from test_runtime_cli import retag
+
+    base, adapters = chat_model
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    (folder / "sql.gguf").write_bytes((adapters / "sql.gguf").read_bytes())
+    events: list[str] = []
+    r = Router(base, folder, port=0, watch=0.2, notify=events.append, extra_args=["-c", "256", "-t", "2"],
+               log=tmp_path / "llama-server.log")
+    ask = {"messages": MESSAGES, "max_tokens": 3, "temperature": 0}
+
+    def models():
+        return [m["id"] for m in requests.get(r.url + "/v1/models", timeout=60).json()["data"]]
+
+    def until(want):
+        deadline = time.monotonic() + 60
+        while models() != want:
+            assert time.monotonic() < deadline, (models(), events)
+            time.sleep(0.1)
+
+    with r:
+        statuses, stop = [], threading.Event()
+
+        def client():
+            while not stop.is_set():
+                statuses.append(requests.post(r.url + "/v1/chat/completions", json={"model": "sql", **ask},
+                                              timeout=60).status_code)
+
+        worker = threading.Thread(target=client)
+        worker.start()
+        try:
+            time.sleep(0.3)
+            (folder / "poem.gguf").write_bytes((adapters / "poem.gguf").read_bytes())
+            until(["base", "poem", "sql"])
+            retag(adapters / "sql.gguf", folder / "other.gguf", "qwen2")  # llama-server refuses this one
+            deadline = time.monotonic() + 60
+            while not any(e.startswith("left out adapter other.gguf") for e in events):
+                assert time.monotonic() < deadline, events
+                time.sleep(0.1)
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            worker.join()
+        assert statuses and set(statuses) == {200}, statuses  # the client ran right through both restarts
+        assert models() == ["base", "poem", "sql"] and r.restarts == 2
+        assert "Model arch and LoRA arch mismatch" in next(e for e in events if e.startswith("left out"))
+        poem = requests.post(r.url + "/v1/chat/completions", json={"model": "poem", **ask}, timeout=60)
+        assert poem.status_code == 200 and poem.json()["model"] == "poem"
+        (folder / "sql.gguf").unlink()
+        until(["base", "poem"])
+        gone = requests.post(r.url + "/v1/chat/completions", json={"model": "sql", **ask}, timeout=60)
+        assert gone.status_code == 404 and "this server has: base, poem" in gone.json()["error"]["message"]
