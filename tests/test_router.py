@@ -469,3 +469,11 @@ def test_adapter_folder_changes_restart_llama_server_without_failing_a_request(c
         until(["base", "poem"])
         gone = requests.post(r.url + "/v1/chat/completions", json={"model": "sql", **ask}, timeout=60)
         assert gone.status_code == 404 and "this server has: base, poem" in gone.json()["error"]["message"]
+
+
+def test_the_http_stack_loads_only_for_serve():
+    import subprocess
+    import sys
+
+    code = "import sys, gguf_lora, gguf_lora.cli; print(sorted(m for m in ('aiohttp', 'openai') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout == "[]\n"
