@@ -183,7 +183,7 @@ def serve(
 
     def ready(r) -> None:
         active = ", ".join(f"{n}={s:g}" for n, s in r.selection.items() if s) or "none"
-        typer.echo(f"serving at {r.url}: models {', '.join(r.model_ids())}; global selection: {active}", )
+        typer.echo(f"serving at {r.url}: models {', '.join(r.model_ids())}; global selection: {active}")
         say(f"  llama-server log: {r.backend.server.log}; Ctrl-C stops it")
 
     try:
@@ -198,7 +198,8 @@ def serve(
 adapters_app = typer.Typer(no_args_is_help=True, help="List the adapters of a running server and set its global "
                                                          "selection.")
 app.add_typer(adapters_app, name="adapters")
-URL_OPTION = typer.Option(DEFAULT_URL, "--url", envvar="GGUF_LORA_URL", help="The server to talk to (gguf-lora serve, or llama-server).")
+URL_OPTION = typer.Option(DEFAULT_URL, "--url", envvar="GGUF_LORA_URL",
+                          help="The server to talk to (gguf-lora serve, or llama-server).")
 KEY_OPTION = typer.Option(None, "--api-key", envvar="GGUF_LORA_API_KEY", help="The server's API key.")
 
 

@@ -28,7 +28,7 @@ KEY = "router-test-key"
 EXACT = ["-c", "2048", "-np", "3", "-t", "2", "--cache-type-k", "f32", "--cache-type-v", "f32", "--flash-attn", "off"]
 TOL = 1e-2  # tests/test_parity.py's tolerance for f16 adapter files
 MESSAGES = [{"role": "user", "content": "abc def gh ij"}]
-# A long prompt (~200 tokens: the tiny model has 256 positions) of the tiny vocabulary's words), the same for every adapter.
+# A long prompt of the tiny vocabulary's words (~200 tokens: the tiny model has 256 positions).
 LONG = " ".join(random.Random(5).choice(["abc", "def", "gh", "ij", "kl", "a", "bc", "fed"]) for _ in range(100))
 
 
@@ -127,6 +127,9 @@ def steps_of(logprobs_content) -> list[dict]:
 def test_sdk_lists_models(sdk):
     assert [m.id for m in sdk.models.list()] == ["base", "poem", "sql"]
     assert sdk.models.list().data[1].model_dump()["parent"] == "base"
+    assert sdk.models.retrieve("sql").id == "sql"
+    with pytest.raises(openai.NotFoundError, match="the model 'chess' does not exist"):
+        sdk.models.retrieve("chess")
 
 
 @pytest.mark.parametrize("model", ["sql", "poem", "base", "sql@0.5"])
@@ -145,7 +148,8 @@ def test_sdk_chat_matches_peft(router, sdk, chat_model, model):
 
     chunks = list(sdk.chat.completions.create(**ask, stream=True))
     assert {c.model for c in chunks} == {model}
-    streamed = [s for c in chunks if c.choices and c.choices[0].logprobs for s in steps_of(c.choices[0].logprobs.content)]
+    streamed = [s for c in chunks if c.choices and c.choices[0].logprobs
+                for s in steps_of(c.choices[0].logprobs.content)]
     assert [s["id"] for s in streamed] == [s["id"] for s in steps]
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == done.choices[0].message.content
     for a, b in zip(streamed, steps):  # the same numbers, up to a warm prompt cache's rounding
@@ -364,8 +368,8 @@ def test_openai_errors(router, sdk):
                                                                      "adapter here; ids: 0=poem, 1=sql")
     r = native(router, "POST", "/v1/messages", json={"model": "sql", "messages": MESSAGES, "max_tokens": 2})
     assert r.status_code == 501 and "without their `lora` field" in r.json()["error"]["message"]
-    assert native(router, "GET", "/nowhere").json() == {"error": {"message": "File Not Found", "type": "not_found_error",
-                                                                  "param": None, "code": 404}}
+    assert native(router, "GET", "/nowhere").json() == {"error": {"message": "File Not Found", "param": None,
+                                                                  "type": "not_found_error", "code": 404}}
 
 
 def test_native_lora_field_and_endpoints_pass_through(router, solo):

@@ -251,6 +251,7 @@ class Router:
         app = web.Application(middlewares=[self._errors, self._auth], client_max_size=256 * 2**20)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/models", self._models)
+        app.router.add_get("/v1/models/{model}", self._model)
         for path in ("/health", "/v1/health"):
             app.router.add_get(path, self._health)
         for path in GENERATING:
@@ -269,7 +270,7 @@ class Router:
             raise InputError(f"cannot listen on {self.host}:{self.port}", e.strerror or str(e),
                              "pass another --port (or stop what uses it)") from None
         if self.port == 0:
-            self.port = site._server.sockets[0].getsockname()[1]
+            self.port = runner.addresses[0][1]
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True), auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10), trust_env=False)
@@ -458,6 +459,13 @@ class Router:
             data += [{"id": name, "object": "model", "created": created, "owned_by": "gguf-lora",
                       "parent": self.base_name} for name in self.model_ids()[1:]]
             return web.json_response({"object": "list", "data": data})
+
+    async def _model(self, request):
+        listed = await self._models(request)
+        for entry in json.loads(listed.body)["data"]:
+            if entry["id"] == request.match_info["model"]:
+                return web.json_response(entry)
+        raise _unknown_model(request.match_info["model"], self.model_ids()[1:], [self.base_name])
 
     async def _refuse(self, request):
         raise RouteError(501, f"{request.path} is not served: {REFUSED[request.path]}", "not_supported_error")
