@@ -372,6 +372,23 @@ def test_openai_errors(router, sdk):
                                                                   "type": "not_found_error", "code": 404}}
 
 
+def test_llama_server_drops_lora_on_anthropic_messages(router):
+    """llama.cpp bug the router works around (it answers /v1/messages with 501): llama-server converts an
+    Anthropic request into a chat request without its `lora` field, so the answer is the global selection's."""
+    b = router.backend
+    ids = {a.name: a.id for a in b.adapters}
+    ask = {"messages": MESSAGES, "max_tokens": 4, "temperature": 0}
+
+    def direct(path: str, lora: list) -> str:
+        doc = requests.post(b.url + path, headers=b.headers, json={**ask, "lora": lora}, timeout=60).json()
+        return doc["content"][0]["text"] if path == "/v1/messages" else doc["choices"][0]["message"]["content"]
+
+    sql = [{"id": ids["sql"], "scale": 1.0}]
+    base = [{"id": i, "scale": 0.0} for i in ids.values()]
+    assert direct("/v1/chat/completions", sql) != direct("/v1/chat/completions", base)
+    assert direct("/v1/messages", sql) == direct("/v1/chat/completions", base)  # sql was asked for, base answered
+
+
 def test_native_lora_field_and_endpoints_pass_through(router, solo):
     ids = {a.name: a.id for a in router.backend.adapters}
     r = native(router, "POST", "/completion", json={"prompt": LONG, "n_predict": 6, "n_probs": 3, "temperature": 0,
