@@ -52,6 +52,7 @@ HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", 
 ROUTER_OWN_FLAGS = OWN_FLAGS | {"--slot-save-path"}
 UNKNOWN_MODEL = ("error", "selection")
 DRAIN_TIMEOUT = 120.0
+KEEPALIVE = 3.0  # seconds an idle connection to llama-server is kept (it closes them after 5)
 
 Notify = Callable[[str], None]
 
@@ -272,7 +273,9 @@ class Router:
         if self.port == 0:
             self.port = runner.addresses[0][1]
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True), auto_decompress=False,
+            # llama-server (cpp-httplib) closes a connection after 5 s idle: drop ours before it does
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE, enable_cleanup_closed=True),
+            auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10), trust_env=False)
         tasks = []
         try:
@@ -529,11 +532,20 @@ class Router:
     async def _forward(self, request, backend: Backend, data: bytes, rewrite: tuple[bytes, bytes] | None):
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
         headers.update(backend.headers)
-        try:
-            up = await self.session.request(request.method, backend.url + request.path_qs, data=data,
-                                            headers=headers, allow_redirects=False)
-        except (aiohttp.ClientError, OSError) as e:
-            raise RouteError(502, f"llama-server did not take the request: {e or type(e).__name__}", "server_error")
+        for attempt in (1, 2):
+            try:
+                up = await self.session.request(request.method, backend.url + request.path_qs, data=data,
+                                                headers=headers, allow_redirects=False)
+                break
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+                # a kept-alive connection llama-server closed as we reused it: once more on a new one
+                if attempt == 1 and backend.server.proc.poll() is None:
+                    continue
+                raise RouteError(502, f"llama-server did not take the request: {type(e).__name__}: {e}",
+                                 "server_error")
+            except (aiohttp.ClientError, OSError) as e:
+                raise RouteError(502, f"llama-server did not take the request: {type(e).__name__}: {e}",
+                                 "server_error")
         try:
             return await self._relay(request, up, rewrite)
         finally:
