@@ -116,77 +116,83 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=300, help="requests for the overhead measure")
     ap.add_argument("--stream-tokens", type=int, default=400)
     ap.add_argument("--streams", type=int, default=6)
+    ap.add_argument("--parts", default="chat,overhead,stream", help="which measures to run")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     args.work.mkdir(parents=True, exist_ok=True)
     base, folder, params = make_model(args.work)
     print(machine_line(machine_facts(), args.repeat))
     print(f"base {base.name}: {params / 1e6:.0f}M parameters, F16, {base.stat().st_size / 2**20:.0f} MiB; adapter "
           f"chat (rank 16, all-linear); llama-server {' '.join(EXTRA)}; answers of {args.answer} tokens")
+    with Router(base, folder, port=0, extra_args=EXTRA, log=args.work / "router.log", watch=None) as router:
+        if "chat" in parts:
+            chats(router, base, folder, args)
+        if "overhead" in parts:
+            overhead(router, args.requests)
+        if "stream" in parts:
+            streams(router, args.stream_tokens, args.streams)
 
+
+def chats(router: Router, base: Path, folder: Path, args) -> None:
     runs: dict[str, list] = {"router": [], "no cache": []}
-    seeds = [100 + i for i in range(args.repeat)]
-    router = Router(base, folder, port=0, extra_args=EXTRA, log=args.work / "router.log", watch=None)
-    old = ManagedServer(base, folder, extra_args=EXTRA, log=args.work / "old.log", ready_timeout=600)
-    with router:
-        client = old.start()
-        try:
-            client.use("chat")
-            for seed in seeds:  # alternate, so that load from elsewhere hits both alike
-                runs["router"].append(chat(router.url, {}, seed, args.answer, {"model": "chat"}))
-                runs["no cache"].append(chat(old.url, {}, seed, args.answer, {}))
-        finally:
-            old.close()
+    with ManagedServer(base, folder, extra_args=EXTRA, log=args.work / "old.log", ready_timeout=600) as old:
+        old.use("chat")
+        for seed in (100 + i for i in range(args.repeat)):  # alternate, so that load from elsewhere hits both
+            runs["router"].append(chat(router.url, {}, seed, args.answer, {"model": "chat"}))
+            runs["no cache"].append(chat(old.url, {}, seed, args.answer, {}))
+    print(f"\n{'turn':>4} {'prompt':>6} | {'no cache: ms':>12} {'prompt ms':>9} {'evaluated':>9} | "
+          f"{'router: ms':>10} {'prompt ms':>9} {'evaluated':>9} | {'speed-up':>8} {'prompt':>7}")
+    speedups, prompt_speedups = [], []
+    for i in range(TURNS):
+        med = {k: [statistics.median(r[i][j] for r in v) for j in range(4)] for k, v in runs.items()}
+        old_t, new_t = med["no cache"], med["router"]
+        speedups.append(old_t[0] / new_t[0])
+        prompt_speedups.append(old_t[3] / new_t[3])
+        print(f"{i + 1:>4} {runs['router'][0][i][1]:>6} | {old_t[0] * 1000:>12.0f} {old_t[3] * 1000:>9.0f} "
+              f"{old_t[2]:>9.0f} | {new_t[0] * 1000:>10.0f} {new_t[3] * 1000:>9.0f} {new_t[2]:>9.0f} | "
+              f"{speedups[-1]:>7.2f}x {prompt_speedups[-1]:>6.2f}x")
+    print(f"goal: last turns >= 3x faster -> turn time {speedups[-2]:.2f}x, {speedups[-1]:.2f}x "
+          f"({'met' if min(speedups[-2:]) >= 3 else 'NOT met'}); prompt processing (the wait before the first "
+          f"token) {prompt_speedups[-2]:.2f}x, {prompt_speedups[-1]:.2f}x")
 
-        print(f"\n{'turn':>4} {'prompt':>6} | {'no cache: ms':>12} {'prompt ms':>9} {'evaluated':>9} | "
-              f"{'router: ms':>10} {'prompt ms':>9} {'evaluated':>9} | {'speed-up':>8} {'prompt':>7}")
-        speedups, prompt_speedups = [], []
-        for i in range(TURNS):
-            med = {k: [statistics.median(r[i][j] for r in v) for j in range(4)] for k, v in runs.items()}
-            old_t, new_t = med["no cache"], med["router"]
-            speedups.append(old_t[0] / new_t[0])
-            prompt_speedups.append(old_t[3] / new_t[3])
-            print(f"{i + 1:>4} {runs['router'][0][i][1]:>6} | {old_t[0] * 1000:>12.0f} {old_t[3] * 1000:>9.0f} "
-                  f"{old_t[2]:>9.0f} | {new_t[0] * 1000:>10.0f} {new_t[3] * 1000:>9.0f} {new_t[2]:>9.0f} | "
-                  f"{speedups[-1]:>7.2f}x {prompt_speedups[-1]:>6.2f}x")
-        last = min(speedups[-2:])
-        print(f"goal: last turns >= 3x faster -> turn time {speedups[-2]:.2f}x, {speedups[-1]:.2f}x "
-              f"({'met' if last >= 3 else 'NOT met'}); prompt processing (the wait before the first token) "
-              f"{prompt_speedups[-2]:.2f}x, {prompt_speedups[-1]:.2f}x")
 
-        b = router.backend
-        body = {"messages": [{"role": "user", "content": "abc def"}], "max_tokens": 1, "temperature": 0}
-        direct_body = {**body, "lora": b.lora({"chat": 1.0})}
-        for _ in range(10):  # warm both paths and the slot's cache
-            requests.post(router.url + "/v1/chat/completions", json={**body, "model": "chat"}, timeout=60)
-        via, straight = [], []
-        with requests.Session() as s1, requests.Session() as s2:
-            for _ in range(args.requests):
-                t = time.perf_counter()
-                s1.post(router.url + "/v1/chat/completions", json={**body, "model": "chat"},
-                        timeout=60).raise_for_status()
-                via.append((time.perf_counter() - t) * 1000)
-                t = time.perf_counter()
-                s2.post(b.url + "/v1/chat/completions", json=direct_body, headers=b.headers,
-                        timeout=60).raise_for_status()
-                straight.append((time.perf_counter() - t) * 1000)
-        diff = [a - c for a, c in zip(via, straight)]
-        print(f"\nnon-streamed 1-token request: router p50 {pct(via, .5):.2f} ms, llama-server p50 "
-              f"{pct(straight, .5):.2f} ms; router overhead p50 {pct(diff, .5):.2f} ms, p90 {pct(diff, .9):.2f} ms "
-              f"(n={args.requests}); goal <= 2 ms p50: {'met' if pct(diff, .5) <= 2 else 'NOT met'}")
+def overhead(router: Router, n: int) -> None:
+    b = router.backend
+    body = {"messages": [{"role": "user", "content": "abc def"}], "max_tokens": 1, "temperature": 0}
+    direct_body = {**body, "lora": b.lora({"chat": 1.0})}
+    via, straight = [], []
+    with requests.Session() as s1, requests.Session() as s2:
+        for i in range(n + 10):  # the first 10 warm both paths and the slot's cache
+            t = time.perf_counter()
+            s1.post(router.url + "/v1/chat/completions", json={**body, "model": "chat"},
+                    timeout=60).raise_for_status()
+            t1 = time.perf_counter()
+            s2.post(b.url + "/v1/chat/completions", json=direct_body, headers=b.headers,
+                    timeout=60).raise_for_status()
+            if i >= 10:
+                via.append((t1 - t) * 1000)
+                straight.append((time.perf_counter() - t1) * 1000)
+    diff = [a - c for a, c in zip(via, straight)]
+    print(f"\nnon-streamed 1-token request: router p50 {pct(via, .5):.2f} ms, llama-server p50 "
+          f"{pct(straight, .5):.2f} ms; router overhead p50 {pct(diff, .5):.2f} ms, p90 {pct(diff, .9):.2f} ms "
+          f"(n={n}); goal <= 2 ms p50: {'met' if pct(diff, .5) <= 2 else 'NOT met'}")
 
-        long = {"messages": [{"role": "user", "content": "abc def"}], "max_tokens": args.stream_tokens,
-                "temperature": 0, "ignore_eos": True}
-        ratios = []  # router / direct tokens/s, in pairs, the order alternating
-        for i in range(args.streams):
-            pair = {}
-            for who in (("router", "direct") if i % 2 == 0 else ("direct", "router")):
-                pair[who] = stream_rate(router.url, {}, {**long, "model": "chat"}) if who == "router" else \
-                    stream_rate(b.url, b.headers, {**long, "lora": b.lora({"chat": 1.0})})
-            ratios.append(pair["router"] / pair["direct"])
-        gap = (1 - statistics.median(ratios)) * 100
-        print(f"streamed {args.stream_tokens} tokens, router/llama-server tokens/s in {args.streams} pairs: median "
-              f"{statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}); router {gap:+.1f}% "
-              f"slower; goal within 3%: {'met' if abs(gap) <= 3 else 'NOT met'}")
+
+def streams(router: Router, tokens: int, n: int) -> None:
+    b = router.backend
+    long = {"messages": [{"role": "user", "content": "abc def"}], "max_tokens": tokens, "temperature": 0,
+            "ignore_eos": True}
+    ratios = []  # router / direct tokens/s, in pairs, the order alternating
+    for i in range(n):
+        pair = {}
+        for who in (("router", "direct") if i % 2 == 0 else ("direct", "router")):
+            pair[who] = stream_rate(router.url, {}, {**long, "model": "chat"}) if who == "router" else \
+                stream_rate(b.url, b.headers, {**long, "lora": b.lora({"chat": 1.0})})
+        ratios.append(pair["router"] / pair["direct"])
+    gap = (1 - statistics.median(ratios)) * 100
+    print(f"streamed {tokens} tokens, router/llama-server tokens/s in {n} pairs: median "
+          f"{statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}); router {gap:+.1f}% "
+          f"slower; goal within 3%: {'met' if abs(gap) <= 3 else 'NOT met'}")
 
 
 if __name__ == "__main__":
