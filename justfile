@@ -29,3 +29,4 @@ bench: setup llama-cpp
     {{py}} bench/bench_merge.py --outtype q8_0
     {{py}} bench/bench_merge.py --outtype q4_k_m
     {{py}} bench/bench_switch.py
+    {{py}} bench/bench_chat.py

@@ -151,57 +151,55 @@ def serve(
                                         "its file name) or one file; repeatable."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
     port: int = typer.Option(8080, "--port", help="Port to listen on."),
-    use: list[str] = typer.Option([], "--use", help="NAME[=SCALE] active from the start (default: none)."),
+    use: list[str] = typer.Option([], "--use", help="NAME[=SCALE]: the global selection at start (default: none)."),
+    unknown_model: str = typer.Option("error", "--unknown-model", help="What a request whose model names nothing "
+                                      "served gets: error (a 404 listing the models) or selection (the adapters "
+                                      "chosen with 'gguf-lora adapters use')."),
+    watch: bool = typer.Option(True, "--watch/--no-watch", help="Restart llama-server (holding requests) when "
+                               "adapter files are added to, changed in or removed from the folders."),
     llama_server: Optional[Path] = typer.Option(None, "--llama-server", help="llama-server binary (default: the "
                                                 "pinned build, $GGUF_LORA_LLAMA_CPP_BIN, PATH)."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="GGUF_LORA_API_KEY",
-                                          help="Require this key from clients."),
+                                          help="Require this key from clients (Authorization: Bearer KEY)."),
     log: Optional[Path] = typer.Option(None, "--log", help="Write llama-server's log here (default: a temp file)."),
     ready_timeout: float = typer.Option(300.0, "--ready-timeout", help="Seconds to wait for the model to load."),
 ) -> None:
-    """Run llama-server with a base and adapters in the foreground; switch them with 'gguf-lora adapters use'.
+    """Serve a base and its adapters through an OpenAI-compatible API: the adapter is chosen by `model`.
 
-    Arguments after the options (or after --) go to llama-server, e.g. -- -c 8192 -ngl 99.
-    The server is set up so that a request without an adapter field gets exactly the selected adapter.
+    /v1/models lists the base and every adapter; model "sql" gets that adapter, the base's name the bare base,
+    "sql@0.5+style" a mix. llama-server runs behind it on a private port, prompt cache on and exact.
+    Arguments after the options (or after --) go to llama-server, e.g. -- -c 8192 -np 4 -ngl 99.
     """
-    import signal
+    from .runtime.llama_server import parse_selection
+    from .runtime.router import Router
 
-    from .runtime.llama_server import ManagedServer, parse_selection
-
+    say = lambda msg: typer.echo(msg, err=True)  # noqa: E731
     try:
-        server = ManagedServer(base, adapters, host=host, port=port, llama_server=llama_server, api_key=api_key,
-                               extra_args=ctx.args, log=log, ready_timeout=ready_timeout,
-                               scales=parse_selection(use))
+        router = Router(base, adapters, host=host, port=port, api_key=api_key, llama_server=llama_server,
+                        extra_args=ctx.args, log=log, ready_timeout=ready_timeout, scales=parse_selection(use),
+                        unknown_model=unknown_model, watch=1.0 if watch else None, notify=say)
     except GgufLoraError as e:
         _fail(e)
 
-    def on_term(signum, frame):  # systemd stops services with SIGTERM: shut down like Ctrl-C
-        raise KeyboardInterrupt
+    def ready(r) -> None:
+        active = ", ".join(f"{n}={s:g}" for n, s in r.selection.items() if s) or "none"
+        typer.echo(f"serving at {r.url}: models {', '.join(r.model_ids())}; global selection: {active}")
+        say(f"  llama-server log: {r.backend.server.log}; Ctrl-C stops it")
 
-    signal.signal(signal.SIGTERM, on_term)
     try:
-        try:
-            client = server.start()
-            active = [f"{a.name}={a.scale:g}" for a in client.adapters() if a.scale]
-            typer.echo(f"llama-server ready at {server.url}: base {base.name}, adapters "
-                       f"{', '.join(a.stem for a in server.adapters) or 'none'}; active: {', '.join(active) or 'none'}")
-            typer.echo(f"  log: {server.log}; Ctrl-C stops it", err=True)
-            code = server.wait()
-        except GgufLoraError as e:
-            _fail(e)
-        if code != 0:
-            typer.echo(f"error: llama-server stopped with exit code {code}. Its log ends:\n{server.log_tail(15)}",
-                       err=True)
-            raise typer.Exit(1)
+        router.run(ready, handle_signals=True)
+    except GgufLoraError as e:
+        _fail(e)
     except KeyboardInterrupt:
-        typer.echo("stopping llama-server", err=True)
-    finally:
-        server.close()
+        pass
+    say("stopped")
 
 
-adapters_app = typer.Typer(no_args_is_help=True, help="List and switch the adapters of a running llama-server.")
+adapters_app = typer.Typer(no_args_is_help=True, help="List the adapters of a running server and set its global "
+                                                         "selection.")
 app.add_typer(adapters_app, name="adapters")
-URL_OPTION = typer.Option(DEFAULT_URL, "--url", envvar="GGUF_LORA_URL", help="The llama-server to talk to.")
+URL_OPTION = typer.Option(DEFAULT_URL, "--url", envvar="GGUF_LORA_URL",
+                          help="The server to talk to (gguf-lora serve, or llama-server).")
 KEY_OPTION = typer.Option(None, "--api-key", envvar="GGUF_LORA_API_KEY", help="The server's API key.")
 
 
@@ -234,7 +232,7 @@ def adapters_use(
     url: str = URL_OPTION, api_key: Optional[str] = KEY_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
-    """Set what requests without an adapter field get, on a server started by 'gguf-lora serve'."""
+    """Set the global selection: what requests whose model names nothing get under serve --unknown-model selection."""
     from .runtime.llama_server import LlamaServer, parse_selection
 
     if bool(names) == none:

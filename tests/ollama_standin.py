@@ -9,7 +9,9 @@ Honest limits: /api/generate ignores TEMPLATE even without raw (the prompt goes 
 joins the messages' contents with spaces (no chat template), and safetensors adapters are refused rather than converted.
 
 Fault switches (attributes, settable while running):
-  version            what /api/version reports; >= 0.34.1 refuses adapters as newer Ollama is reported to
+  version            what /api/version reports
+  new_refuse         True (default): from 0.34.1 every create with adapters fails, as newer Ollama is reported
+                     to; False: newer versions take GGUF adapters through the API (what its server code reads)
   ignore_adapters    start runners without --lora (an Ollama that silently drops the adapter)
   refuse_adapters    a message: every create with adapters fails mid-stream with it (whatever the version)
   cut_create         end create streams before "success"
@@ -88,6 +90,7 @@ class StandIn:
         self.version = version
         self.ignore_adapters = False
         self.refuse_adapters: str | None = None
+        self.new_refuse = True
         self.cut_create = False
         self.garbage: set[str] = set()
         self.uploads: list[str] = []  # digests whose bytes were received and stored
@@ -312,7 +315,8 @@ class StandIn:
         if req.get("adapters"):
             refusal = self.refuse_adapters or (
                 "adapters are not supported by this version of Ollama; merge the adapter into the model"
-                if tuple(int(x) for x in re.findall(r"\d+", self.version)[:3]) >= (0, 34, 1) else None)
+                if self.new_refuse and tuple(int(x) for x in re.findall(r"\d+", self.version)[:3]) >= (0, 34, 1)
+                else None)
             if refusal:
                 yield {"status": "parsing GGUF"}
                 yield {"error": refusal}

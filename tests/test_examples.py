@@ -78,7 +78,7 @@ def test_systemd_unit_runs_as_written(chat_model, tmp_path):
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ready = proc.stdout.readline()
-        assert ready.startswith(f"llama-server ready at http://127.0.0.1:{port}: "), proc.stderr.read()
+        assert ready.startswith(f"serving at http://127.0.0.1:{port}: "), proc.stderr.read()
         assert requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
     finally:
         proc.send_signal(getattr(signal, service["KillSignal"]))

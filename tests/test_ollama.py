@@ -70,8 +70,8 @@ def test_deploy_end_to_end(target, adapters, llama_base):
     name = f"gguf-lora-test-{uuid.uuid4().hex[:8]}"
     result = deploy(adapters[0], llama_base[1], name, client=target, prompts=PROMPTS)
     try:
-        v = tuple(int(x) for x in result.version.split("-")[0].split(".")[:3])
-        assert result.path == ("adapter" if v < (0, 34, 1) else "merged")
+        # the adapter path is tried on every version; merged only where Ollama refused it, and then it says why
+        assert (result.path, bool(result.refused)) in (("adapter", False), ("merged", True))
         assert result.differs >= 1 and len(result.check) == 2
         assert result.check_model.endswith("(temporary, deleted)")
         names = [m["name"] for m in target.list()]
@@ -88,7 +88,7 @@ def test_deploy_by_name_takes_adapter_path(standin, tiny_model, adapters):
     client = Ollama(standin.url)
     result = deploy(adapters[0], tiny_model, "tiny-sql", client=client, prompts=PROMPTS, store=standin.store)
     assert (result.path, result.version) == ("adapter", "0.12.0")
-    assert "takes GGUF LoRA adapters" in result.reason
+    assert result.reason == "Ollama 0.12.0 took the GGUF LoRA as an adapter layer" and result.refused == ""
     assert list(result.blobs) == ["adapter.gguf"] and result.check_model == "tiny"
     assert all(c["differs"] for c in result.check)
     shown = client.show("tiny-sql")
@@ -129,11 +129,24 @@ def test_deploy_merges_where_version_refuses_adapters(standin, tiny_model, adapt
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     result = deploy(adapters[0], tiny_model, "tiny-sql", client=client, prompts=PROMPTS, store=standin.store)
-    assert result.path == "merged" and "0.34.1 refuses ADAPTER" in result.reason
+    assert result.path == "merged" and result.reason.startswith("Ollama 0.34.1 refused the adapter (adapters are "
+                                                                "not supported by this version")
+    assert result.refused.startswith("adapters are not supported")
     assert list(result.blobs) == ["merged.gguf"] and result.differs == 2
     assert list(scratch.iterdir()) == []  # the merged GGUF and its folder are gone
     shown = client.show("tiny-sql")
     assert "ADAPTER" not in shown["modelfile"] and shown["system"] == "Be brief."
+
+
+def test_newer_ollama_that_takes_adapters_gets_the_adapter_path(standin, tiny_model, adapters):
+    """The refusal from 0.34.1 is reported, not known: a newer Ollama that takes GGUF adapters through the API
+    gets them as an adapter layer (and the post-deploy check proves they are applied)."""
+    standin.version, standin.new_refuse = "0.35.2", False
+    result = deploy(adapters[0], tiny_model, "tiny-sql", client=Ollama(standin.url), prompts=PROMPTS,
+                    store=standin.store)
+    assert (result.path, result.refused, result.differs) == ("adapter", "", 2)
+    assert result.reason == "Ollama 0.35.2 took the GGUF LoRA as an adapter layer"
+    assert "ADAPTER " in Ollama(standin.url).show("tiny-sql")["modelfile"]
 
 
 def test_deploy_falls_back_when_create_refuses_the_adapter(standin, tiny_model, adapters):

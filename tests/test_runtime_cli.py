@@ -1,6 +1,7 @@
 """`gguf-lora serve` and `gguf-lora adapters` as a user runs them: real processes, real llama-server."""
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -22,7 +23,7 @@ GGUF_LORA = [sys.executable, "-m", "gguf_lora"]
 def start_serve(args: list[str]) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([*GGUF_LORA, "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()  # the ready line, or "" when it exits first
-    if not line.startswith("llama-server ready at "):
+    if not line.startswith("serving at "):
         proc.kill()
         raise AssertionError(f"serve did not become ready: {line!r} {proc.stderr.read()}")
     return proc, line
@@ -34,9 +35,10 @@ def test_serve_foreground_switch_and_clean_stop(chat_model, tmp_path, stop_signa
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc, line = start_serve(["--base", str(base), "--adapters", str(adapters), "--port", str(port),
-                              "--use", "poem=0.5", "--log", str(tmp_path / "server.log"), "--", "-c", "256", "-t", "2"])
+                              "--use", "poem=0.5", "--unknown-model", "selection", "--log", str(tmp_path / "server.log"),
+                              "--", "-c", "256", "-t", "2"])
     try:
-        assert line == f"llama-server ready at {url}: base base.gguf, adapters poem, sql; active: poem=0.5\n"
+        assert line == f"serving at {url}: models base, poem, sql; global selection: poem=0.5\n"
         listed = runner.invoke(app, ["adapters", "list", "--url", url])
         assert listed.exit_code == 0, listed.output
         assert listed.stdout.splitlines() == [
@@ -46,17 +48,42 @@ def test_serve_foreground_switch_and_clean_stop(chat_model, tmp_path, stop_signa
         assert used.exit_code == 0, used.output
         assert [(a["name"], a["scale"]) for a in __import__("json").loads(used.stdout)] == [("poem", 0.0), ("sql", 1.0)]
         assert [a["scale"] for a in requests.get(url + "/lora-adapters", timeout=5).json()] == [0.0, 1.0]
+        # --unknown-model selection: a request whose model names nothing gets the global selection, exactly
+        assert complete(url, None) == complete(url, "sql") != complete(url, "base")
         off = runner.invoke(app, ["adapters", "use", "--none", "--url", url])
         assert off.exit_code == 0 and [a["scale"] for a in requests.get(url + "/lora-adapters").json()] == [0.0, 0.0]
+        assert complete(url, "gpt-4o") == complete(url, "base") != complete(url, "sql")
         assert "-c 256" in " ".join(subprocess.run(["ps", "-ww", "-o", "args=", "--ppid", str(proc.pid)],
                                                    capture_output=True, text=True).stdout.split())
     finally:
         proc.send_signal(stop_signal)
         out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
-    assert "stopping llama-server" in err
+    assert err.endswith("stopped\n")
     with pytest.raises(requests.ConnectionError):  # the llama-server child is gone too
         requests.get(url + "/health", timeout=2)
+
+
+def complete(url: str, model: str | None) -> list:
+    body = {"messages": [{"role": "user", "content": "abc def"}], "max_tokens": 4, "temperature": 0, "logprobs": True}
+    r = requests.post(url + "/v1/chat/completions", json={**body, **({"model": model} if model else {})}, timeout=30)
+    assert r.status_code == 200, r.text
+    return [(c["id"], round(c["logprob"], 4)) for c in r.json()["choices"][0]["logprobs"]["content"]]
+
+
+def test_serve_exits_non_zero_when_llama_server_dies(chat_model, tmp_path):
+    base, adapters = chat_model
+    proc, _ = start_serve(["--base", str(base), "--adapters", str(adapters), "--port", str(free_port()),
+                           "--log", str(tmp_path / "server.log"), "--", "-c", "256"])
+    try:
+        child = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True).stdout
+        os.kill(int(child.split()[0]), signal.SIGKILL)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1
+    assert err.splitlines()[-1].startswith("error: llama-server stopped unexpectedly with exit code -9. Its log ends: ")
+    assert err.splitlines()[-1].endswith(f"See the full log {tmp_path / 'server.log'}.")
 
 
 def test_serve_reports_the_adapter_llama_server_refused(chat_model, tmp_path):

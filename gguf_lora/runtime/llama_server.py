@@ -218,7 +218,8 @@ class ManagedServer:
     def __init__(self, base: str | Path, adapters: str | Path | Iterable[str | Path] = (), *,
                  host: str = "127.0.0.1", port: int | None = None, llama_server: str | Path | None = None,
                  api_key: str | None = None, extra_args: Iterable[str] = (), log: str | Path | None = None,
-                 ready_timeout: float = 120.0, scales: Selection = ()):
+                 ready_timeout: float = 120.0, scales: Selection = (), prompt_cache: bool = False,
+                 append_log: bool = False):
         self.base = Path(base)
         if not self.base.is_file():
             raise InputError(f"base model {self.base} does not exist", "", "pass the base GGUF the adapters were "
@@ -240,6 +241,9 @@ class ManagedServer:
             self._tmp = tempfile.TemporaryDirectory(prefix="gguf-lora-serve-")
             log = Path(self._tmp.name) / "llama-server.log"
         self.log = Path(log)
+        # prompt_cache=True keeps llama-server's per-slot prompt cache: exact only for clients that send the
+        # full adapter list with every request (gguf_lora.runtime.router does). The RAM cache stays off.
+        self.prompt_cache, self.append_log, self._log_start = prompt_cache, append_log, 0
         self.proc: subprocess.Popen | None = None
         self.failed = False  # a failed start keeps its temporary log for the user to read
         self.client = LlamaServer(f"http://{_url_host(host)}:{self.port}", api_key, prompt_cache=True)
@@ -250,7 +254,7 @@ class ManagedServer:
 
     def command(self) -> list[str]:
         cmd = [str(self.binary), "-m", str(self.base), "--host", self.host, "--port", str(self.port),
-               "--no-cache-prompt", "--cache-ram", "0"]
+               *([] if self.prompt_cache else ["--no-cache-prompt"]), "--cache-ram", "0"]
         if self.adapters:
             cmd.append("--lora-init-without-apply")
         for a in self.adapters:
@@ -260,7 +264,8 @@ class ManagedServer:
         return cmd + self.extra_args
 
     def start(self) -> LlamaServer:
-        with open(self.log, "wb") as log:
+        with open(self.log, "ab" if self.append_log else "wb") as log:
+            self._log_start = log.tell()  # a restarted server's messages are read from here on
             # Own session: Ctrl-C reaches us, and we stop the server in order.
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
@@ -295,7 +300,9 @@ class ManagedServer:
 
     def log_tail(self, lines: int = 40) -> str:
         try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+            with open(self.log, "rb") as f:
+                f.seek(self._log_start)
+                return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
 

@@ -28,7 +28,10 @@ DEFAULT_PORT = 11434
 MODEL_MEDIA = "application/vnd.ollama.image.model"
 ADAPTER_MEDIA = "application/vnd.ollama.image.adapter"
 MIN_VERSION = (0, 5, 5)  # the JSON create API (files / adapters / from)
-ADAPTERS_REFUSED = (0, 34, 1)  # reported: from here `create` rejects ADAPTER
+# Reported: from 0.34.1 `ollama create` rejects ADAPTER. What is known is narrower (ollama#14969 removed the
+# conversion of safetensors adapters; the CLI's Modelfile parsing refuses ADAPTER): the REST API with a GGUF
+# LoRA, which deploy speaks, is tried on every version, and a refusal falls back to merging.
+REPORTED_REFUSAL = (0, 34, 1)
 DEFAULT_PROMPTS = ("The capital of France is", "Once upon a time", "def fibonacci(n):")
 CHECK_OPTIONS = {"temperature": 0, "seed": 1, "top_k": 1, "num_predict": 8}
 
@@ -278,6 +281,7 @@ class DeployResult:
     check: list[dict] = field(default_factory=list)  # per prompt: prompt, base, adapted, differs
     check_model: str = ""  # the model the new one was compared with
     template: str = ""  # where the TEMPLATE / SYSTEM / PARAMETERS came from
+    refused: str = ""  # Ollama's error when it refused the adapter layer (then path is "merged")
 
     @property
     def differs(self) -> int:
@@ -316,9 +320,10 @@ def deploy(adapter: str | Path, base: str | Path, name: str, *, client: Ollama, 
     """Make Ollama model `name` = base + adapter, then prove Ollama applies it.
 
     ADAPTER is a PEFT folder or a GGUF LoRA; BASE an Ollama model name (its GGUF found in the local store) or
-    a base GGUF. Where Ollama takes adapters (0.5.5 <= version < 0.34.1) the GGUF LoRA goes in as an adapter
-    layer; where it refuses them (by version or by a create error about the adapter), or when scale != 1
-    (Ollama applies adapters at 1.0), the adapter is merged into the base and the model is created from that.
+    a base GGUF. On every Ollama with the JSON create API (>= 0.5.5) the GGUF LoRA goes in as an adapter layer
+    first; when create refuses it (an error about the adapter: `refused` keeps Ollama's words), or when
+    scale != 1 (Ollama applies adapters at 1.0), the adapter is merged into the base and the model is created
+    from that.
     merged=True takes the merged path whatever the version.
     """
     say = progress or (lambda _msg: None)
@@ -383,17 +388,16 @@ def deploy(adapter: str | Path, base: str | Path, name: str, *, client: Ollama, 
             carried["parameters"] = params
         template_note = f"carried from Ollama model {base_name}"
 
-    if v >= ADAPTERS_REFUSED:
-        route, reason = "merged", f"Ollama {version} refuses ADAPTER (reported from 0.34.1), so the adapter is merged"
-    elif merged:
+    if merged:
         route, reason = "merged", "a merged deploy was asked for"
     elif scale != 1.0:
         route, reason = "merged", (f"Ollama applies adapters at scale 1.0 only, so scale {scale:g} is baked in "
                                    "by merging")
     else:
-        route, reason = "adapter", f"Ollama {version} takes GGUF LoRA adapters (0.5.5 to before 0.34.1)"
+        route, reason = "adapter", f"Ollama {version} took the GGUF LoRA as an adapter layer"
 
     blobs: dict[str, str] = {}
+    refused = ""
     with tempfile.TemporaryDirectory(prefix="gguf-lora-deploy-") as tmp:
         tmp = Path(tmp)
         if route == "adapter":
@@ -417,7 +421,8 @@ def deploy(adapter: str | Path, base: str | Path, name: str, *, client: Ollama, 
             except ServerError as e:
                 if "adapter" not in f"{e.what} {e.why}".lower():
                     raise
-                route, reason = "merged", f"Ollama {version} refused the adapter ({e.why or e.what}), so it is merged"
+                refused = e.why or e.what
+                route, reason = "merged", f"Ollama {version} refused the adapter ({refused}), so it is merged"
                 blobs.pop("adapter.gguf")
         if route == "merged":
             from ..merge import merge
@@ -431,7 +436,7 @@ def deploy(adapter: str | Path, base: str | Path, name: str, *, client: Ollama, 
             merged.unlink()  # Ollama has its own copy; free the space before the check
             client.create(name, files={"merged.gguf": blobs["merged.gguf"]}, **carried, progress=say)
 
-    result = DeployResult(name, route, reason, version, str(base), blobs, template=template_note)
+    result = DeployResult(name, route, reason, version, str(base), blobs, template=template_note, refused=refused)
     post_deploy_check(result, client, base_name, base_gguf, prompts, say)
     return result
 
