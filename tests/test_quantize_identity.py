@@ -97,8 +97,8 @@ def moe_models(request, tmp_path_factory):
     model = tiny.make_base(request.param, root / "hf", **shape)
     plant_adversarial(model, transposed_experts=request.param == "gpt-oss")
     model.save_pretrained(root / "hf")
-    return request.param, root, {src: hf_to_gguf(root / "hf", root / f"base-{src}.gguf", src, spm_vocab=True)
-                                 for src in ("f32", "f16")}
+    f32 = hf_to_gguf(root / "hf", root / "base-f32.gguf", "f32", spm_vocab=True)
+    return request.param, root, {"f32": f32, "f16": llama_quantize(f32, root / "base-f16.gguf", "f16")}
 
 
 @pytest.mark.parametrize("case", range(max(len(c) for c in MOE_CASES.values())))
