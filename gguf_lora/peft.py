@@ -300,7 +300,8 @@ def load_adapter(path: str | Path) -> PeftAdapter:
         slot["emb"] = bool(m.group("emb"))
         slot[m.group("ab")] = key
 
-    targets = [str(t) for t in cfg.get("target_parameters") or []]
+    targets = cfg.get("target_parameters") or []
+    targets = [str(t) for t in targets] if isinstance(targets, list) else []  # PEFT saves a list
     pairs: dict[str, LoraPair] = {}
     for module, slot in sorted(halves.items()):
         if "A" not in slot or "B" not in slot:
