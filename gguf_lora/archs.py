@@ -10,6 +10,20 @@ import gguf
 import numpy as np
 
 TRANSFORMS = ("permute_q", "permute_k", "trim_vocab")
+ROLES = ("gate_up", "gate", "up", "down")  # what an expert parameter or module is in llama.cpp's graph
+SPLITS = ("halves", "interleaved")
+
+
+@dataclass(frozen=True)
+class Experts:
+    """How an architecture's mixture-of-experts layers look in PEFT (archs.json `experts`)."""
+
+    module: str | None  # module holding the 3-D parameters (transformers >= 5), e.g. mlp.experts
+    params: dict[str, str]  # parameter -> role, e.g. gate_up_proj -> gate_up
+    gate_up: str  # how gate_up's output rows divide into gate and up: halves | interleaved
+    per_expert_module: str | None = None  # transformers 4: <module>.{e}.<leaf>
+    per_expert_leaves: dict[str, str] = field(default_factory=dict)  # leaf -> role
+    config: dict[str, tuple[str, ...]] = field(default_factory=dict)  # count / ffn -> HF config keys, first wins
 
 
 @dataclass(frozen=True)
@@ -21,6 +35,7 @@ class Arch:
     module_prefixes: dict[str, str] = field(default_factory=dict)
     output_slot: bool = True  # llama.cpp loads a separate output.weight when present (else always tied)
     bias_slots: frozenset[str] = frozenset()  # GGUF tensors whose .bias llama.cpp loads when present
+    experts: Experts | None = None
 
     def normalize_module(self, module: str) -> str:
         for old, new in self.module_prefixes.items():
@@ -38,10 +53,31 @@ def _name_map(arch: str, n_blocks: int) -> gguf.TensorNameMap:
     return gguf.get_tensor_name_map(arch_id, n_blocks)
 
 
+def _experts(name: str, spec: dict | None) -> Experts | None:
+    if spec is None:
+        return None
+    per = spec.get("per_expert") or {}
+    experts = Experts(spec.get("module"), dict(spec.get("params", {})), spec.get("gate_up", "halves"),
+                      per.get("module"), dict(per.get("leaves", {})),
+                      {k: tuple(v) for k, v in spec.get("config", {}).items()})
+    roles = set(experts.params.values()) | set(experts.per_expert_leaves.values())
+    if roles - set(ROLES) or experts.gate_up not in SPLITS or set(experts.config) - {"count", "ffn"}:
+        raise ValueError(f"archs.json: {name}.experts is invalid (roles {sorted(roles)}, gate_up {experts.gate_up!r})")
+    return experts
+
+
+@lru_cache(maxsize=None)
+def fused_tensors() -> dict[str, tuple[str, ...]]:
+    """archs.json `_fused`: a GGUF stem a base may hold in place of its members (rows in that order)."""
+    data = json.loads(resources.files(__package__).joinpath("archs.json").read_text()).get("_fused", {})
+    return {stem: tuple(members) for stem, members in data.items() if not stem.startswith("_")}
+
+
 @lru_cache(maxsize=None)
 def archs() -> dict[str, Arch]:
     data = json.loads(resources.files(__package__).joinpath("archs.json").read_text())
     data.pop("_doc", None)
+    data.pop("_fused", None)
     out = {}
     for name, spec in data.items():
         if name not in gguf.MODEL_ARCH_NAMES.values():
@@ -53,7 +89,7 @@ def archs() -> dict[str, Arch]:
                 raise ValueError(f"archs.json: {name}.transforms.{module} is invalid ({sorted(unknown)})")
         out[name] = Arch(name, tuple(spec["hf_architectures"]), frozenset(spec["lora_targets"]), transforms,
                          dict(spec.get("module_prefixes", {})), bool(spec.get("output_slot", True)),
-                         frozenset(spec.get("bias_slots", ())))
+                         frozenset(spec.get("bias_slots", ())), _experts(name, spec.get("experts")))
     return out
 
 

@@ -32,6 +32,9 @@ class BaseModel:
     tensors: dict[str, tuple[int, ...]] | None  # None: a bare config.json, shapes unknown
     tied_embeddings: bool
     _reader: Any = field(default=None, repr=False)  # GGUFReader, or {gguf name: (safetensors file, key)}
+    n_expert: int = 0  # mixture of experts: experts per layer, hidden size and expert ffn size (0: dense)
+    n_embd: int = 0
+    n_ff_exp: int = 0
 
     def read_tensor(self, name: str, rows: np.ndarray | None = None) -> tuple[np.ndarray, str] | None:
         """A 2-D base tensor (or some of its rows) as float32 and its stored type; None without weights."""
@@ -102,8 +105,11 @@ def read_gguf_base(path: Path) -> BaseModel:
         raise UnsupportedError(f"{path} has per-layer head counts", "the q/k permutation needs one head count",
                                "open an issue with the model name")
     tensors = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
+    n_ff = _field(reader, f"{arch_name}.expert_feed_forward_length", _field(reader, f"{arch_name}.feed_forward_length", 0))
     return BaseModel(path, "gguf", arch, n_layers, int(n_head), int(n_head_kv or n_head), tensors,
-                     "output.weight" not in tensors, reader)
+                     "output.weight" not in tensors, reader, int(_field(reader, f"{arch_name}.expert_count", 0) or 0),
+                     int(_field(reader, f"{arch_name}.embedding_length", 0) or 0),
+                     n_ff if isinstance(n_ff, int) else 0)
 
 
 def _hf_config(path: Path) -> tuple[Path, dict]:
@@ -131,6 +137,10 @@ def read_hf_base(path: Path) -> BaseModel:
     n_head_kv = int(text.get("num_key_value_heads") or n_head)
     tied = bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", True)))
     tensors = None
+    spec = arch.experts.config if arch.experts else {}
+    first = lambda keys: int(next((text[k] for k in keys if text.get(k)), 0))  # noqa: E731
+    n_expert, n_ff_exp = first(spec.get("count", ())), first(spec.get("ffn", ()))
+    moe = dict(n_expert=n_expert, n_embd=int(text.get("hidden_size", 0)), n_ff_exp=n_ff_exp)
     folder = cfg_path.parent
     files = sorted(folder.glob("*.safetensors")) if path.is_dir() else []
     if files:
@@ -143,8 +153,23 @@ def read_hf_base(path: Path) -> BaseModel:
                     tensors[gguf_name] = e.shape
                     where[gguf_name] = (f, name)
         tied = "output.weight" not in tensors
-        return BaseModel(path, "hf", arch, n_layers, n_head, n_head_kv, tensors, tied, where)
-    return BaseModel(path, "hf", arch, n_layers, n_head, n_head_kv, tensors, tied)
+        if n_expert:  # what llama.cpp's converter writes for the experts (checkpoints store them in many layouts)
+            tensors.update(_hf_expert_shapes(text, n_layers, n_expert, moe["n_embd"], n_ff_exp))
+        return BaseModel(path, "hf", arch, n_layers, n_head, n_head_kv, tensors, tied, where, **moe)
+    return BaseModel(path, "hf", arch, n_layers, n_head, n_head_kv, tensors, tied, **moe)
+
+
+def _hf_expert_shapes(text: dict, n_layers: int, n_expert: int, n_embd: int, n_ff: int) -> dict[str, tuple]:
+    """GGUF expert tensors of an HF MoE model, unfused as convert_hf_to_gguf.py writes them by default.
+    Qwen-style configs name dense layers (mlp_only_layers, decoder_sparse_step); others are sparse throughout."""
+    dense = set(text.get("mlp_only_layers") or [])
+    step = int(text.get("decoder_sparse_step") or 1)
+    out = {}
+    for i in range(n_layers):
+        if i not in dense and (i + 1) % step == 0:
+            out[f"blk.{i}.ffn_gate_exps.weight"] = out[f"blk.{i}.ffn_up_exps.weight"] = (n_expert, n_ff, n_embd)
+            out[f"blk.{i}.ffn_down_exps.weight"] = (n_expert, n_embd, n_ff)
+    return out
 
 
 def load_base(path: str | Path) -> BaseModel:

@@ -96,7 +96,8 @@ def merge(
     output: Path = typer.Option(..., "-o", "--output", help="Output .gguf."),
     outtype: str = typer.Option("same", "--outtype", help="same (keep each tensor's type), f32, f16, bf16, q8_0, "
                                                            "q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s, q3_k_m, "
-                                                           "q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k."),
+                                                           "q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k, "
+                                                           "mxfp4_moe."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
 ) -> None:
@@ -112,7 +113,8 @@ def quantize(
     source: Path = typer.Argument(..., help="Input GGUF model."),
     output: Path = typer.Argument(..., help="Output .gguf."),
     outtype: str = typer.Argument(..., help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s, "
-                                            "q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m or q6_k."),
+                                            "q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k or "
+                                            "mxfp4_moe (experts MXFP4, the rest Q8_0)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
 ) -> None:

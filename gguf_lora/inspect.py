@@ -36,8 +36,8 @@ def _gguf_report(path: Path) -> dict[str, Any]:
         alpha = float(meta.get("adapter.lora.alpha", 0.0))
         shapes = {t["name"]: t["shape"] for t in tensors}
         report["pairs"] = [
-            {"tensor": name[: -len(".lora_b")], "rank": shape[1],
-             "scale": alpha / shape[1] if alpha else 1.0}
+            {"tensor": name[: -len(".lora_b")], "rank": shape[-1], "experts": shape[0] if len(shape) == 3 else 0,
+             "scale": alpha / shape[-1] if alpha else 1.0}
             for name, shape in shapes.items() if name.endswith(".lora_b")]
     return report
 
@@ -51,7 +51,8 @@ def _peft_report(adapter: PeftAdapter) -> dict[str, Any]:
         "rank_pattern": cfg.get("rank_pattern") or {}, "alpha_pattern": cfg.get("alpha_pattern") or {},
         "base_model_name_or_path": cfg.get("base_model_name_or_path"), "weights": str(adapter.weights_file),
         "pairs": [{"module": p.module, "rank": p.rank, "alpha": p.alpha, "scale": p.scale, "dtype": p.dtype,
-                   "embedding": p.embedding} for p in adapter.pairs.values()],
+                   "embedding": p.embedding, "experts": p.experts if p.stacked else 0,
+                   "parameters": list(p.params)} for p in adapter.pairs.values()],
         "unsupported": [{"feature": f, "tensors": names[:5]} for f, names in adapter.unsupported_features()],
     }
 
@@ -70,6 +71,9 @@ def _fit_gguf_adapter(report: dict[str, Any], base_path: Path) -> str | None:
         a, b = shapes[name + ".lora_a"], shapes[name + ".lora_b"]
         got = target_shape(name, tuple(a), tuple(b))
         if tuple(base.tensors[name]) != tuple(got):
+            if len(got) == 3 and got[0] != base.tensors[name][0]:
+                return (f"{name} has {a[0]} experts in lora_a and {b[0]} in lora_b but {base.tensors[name][0]} in the "
+                        "base (llama.cpp does not check this: an out-of-bounds write at run time)")
             return f"{name} has shape {got} in the adapter but {tuple(base.tensors[name])} in the base"
         if name == "token_embd.weight" and base.tied_embeddings:
             return "the base ties output to token_embd, so llama.cpp would misapply the embedding LoRA"
@@ -105,8 +109,10 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"  r={report['r']} lora_alpha={report['lora_alpha']} rslora={report['use_rslora']} "
                      f"base={report['base_model_name_or_path']}")
         for p in report["pairs"]:
-            lines.append(f"  {p['module']:<50} rank {p['rank']:>4}  alpha {p['alpha']:g}  scale {p['scale']:.6g}"
-                         f"  {p['dtype']}{'  (embedding)' if p['embedding'] else ''}")
+            experts = f"  {p['experts']} experts x" if p["experts"] else ""
+            params = f"  ({' or '.join(p['parameters'])})" if p["parameters"] else ""
+            lines.append(f"  {p['module']:<50}{experts} rank {p['rank']:>4}  alpha {p['alpha']:g}  scale {p['scale']:.6g}"
+                         f"  {p['dtype']}{'  (embedding)' if p['embedding'] else ''}{params}")
         for u in report["unsupported"]:
             lines.append(f"  ! {u['feature']}: {', '.join(u['tensors'])}")
     else:
@@ -115,7 +121,8 @@ def render(report: dict[str, Any]) -> str:
         for t in report["tensors"]:
             lines.append(f"  {t['name']:<50} {t['type']:<6} {t['shape']}")
         for p in report.get("pairs", []):
-            lines.append(f"  pair {p['tensor']:<45} rank {p['rank']:>4}  scale {p['scale']:.6g}")
+            experts = f"  {p['experts']} experts x" if p["experts"] else ""
+            lines.append(f"  pair {p['tensor']:<45}{experts} rank {p['rank']:>4}  scale {p['scale']:.6g}")
     if "fits" in report:
         lines.append(f"fits {report['base']}: " + ("yes" if report["fits"] else f"no: {report['problem']}"))
     return "\n".join(lines)

@@ -6,9 +6,14 @@ pair per GGUF tensor. Between the two lie:
 - transforms, one function each, named per architecture in archs.json: row transforms of lora_B (the q/k
   rotary permutation), the embedding's vocabulary cut;
 - parts: a GGUF pair is assembled from Parts, each one PEFT pair's share: some of its B rows (a split of a
-  fused module), landing at some output rows and rank columns of the target (several modules fused into one
-  GGUF tensor: A concatenated along the rank, B block-diagonal). Today every module maps onto one tensor
-  whole; splits and fused targets are chosen by which tensors exist in the base;
+  fused module: gate_up into gate and up, by halves or interleaved), landing at some output rows and rank
+  columns of the target (several modules fused into one GGUF tensor: A concatenated along the rank, B
+  block-diagonal). Splits and fused targets are chosen by which tensors exist in the base (archs.json
+  `_fused`);
+- experts: 3-D pairs, lora_a (E, r, in) / lora_b (E, out, r), applied per selected expert by llama.cpp
+  (build_lora_mm_id). PEFT writes them stacked (transformers >= 5: one ParamWrapper per 3-D parameter,
+  lora_A (E*r, in) expert-major, lora_B (out, r*E) expert-minor) or per expert (transformers 4 modules);
+  both are checked against the base's expert count and sizes, which llama.cpp itself does not check;
 - the scale fold: PEFT's per-module scale folded into B, so that llama.cpp's alpha / rank reproduces it.
 
 The same plan serves `convert` (written as a GGUF LoRA), `merge` (baked into the weights) and `inspect`
@@ -16,13 +21,14 @@ The same plan serves `convert` (written as a GGUF LoRA), `merge` (baked into the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .archs import permute_rows
+from .archs import fused_tensors, permute_rows
 from .base import BaseModel, load_base
 from .errors import AdapterError, BaseMismatchError, GgufLoraError, InputError, UnsupportedError
 from .peft import LoraPair, PeftAdapter
@@ -36,10 +42,16 @@ ROW_TRANSFORMS: dict[str, Callable[[np.ndarray, BaseModel], np.ndarray]] = {
 }
 
 
+# llama.cpp's expert tensors (every architecture) and, per role, (in, out) in units of (hidden, expert ffn)
+EXPERT_STEMS = {"gate_up": "ffn_gate_up_exps", "gate": "ffn_gate_exps", "up": "ffn_up_exps", "down": "ffn_down_exps"}
+_ROLE_DIMS = {"gate_up": ((1, 0), (0, 2)), "gate": ((1, 0), (0, 1)), "up": ((1, 0), (0, 1)), "down": ((0, 1), (1, 0))}
+
+
 @dataclass(frozen=True)
 class Part:
     """One PEFT pair's share of a GGUF pair: lora_B rows `rows` (after `transforms`, times `fold`) land at
-    output rows `offset`.. and rank columns `rank_offset`.. of the target; its lora_A fills those rank rows."""
+    output rows `offset`.. and rank columns `rank_offset`.. of the target; its lora_A fills those rank rows.
+    Experts: a stacked pair (pair.experts > 0) fills every expert slot, a per-expert pair only `expert`."""
 
     pair: LoraPair
     transforms: tuple[str, ...] = ()
@@ -47,6 +59,7 @@ class Part:
     rows: tuple[int, int | None, int] | None = None  # (start, stop, step) of B's rows; None: all
     offset: int = 0
     rank_offset: int = 0
+    expert: int | None = None
 
 
 @dataclass
@@ -55,12 +68,16 @@ class PlannedPair:
 
     gguf_name: str  # base tensor name, e.g. blk.0.attn_q.weight
     parts: tuple[Part, ...]
-    a_shape: tuple[int, ...]  # lora_a in llama.cpp's layout, numpy order (token_embd: (vocab, r))
+    a_shape: tuple[int, ...]  # lora_a in llama.cpp's layout, numpy order (token_embd: (vocab, r); experts (E, r, in))
     b_shape: tuple[int, ...]
 
     @property
     def rank(self) -> int:
         return self.b_shape[-1]
+
+    @property
+    def experts(self) -> int:
+        return self.a_shape[0] if len(self.a_shape) == 3 else 0
 
     @property
     def pair(self) -> LoraPair:
@@ -78,6 +95,21 @@ class PlannedPair:
     @property
     def modules(self) -> list[str]:
         return sorted({p.pair.module for p in self.parts})
+
+
+@dataclass
+class _Place:
+    """A part before the target's rank layout (and so the fold) is known."""
+
+    target: str
+    pair: LoraPair
+    transforms: tuple[str, ...]
+    rows: tuple[int, int | None, int] | None
+    n_rows: int
+    offset: int
+    group: str  # pairs of one group share rank columns (the experts of one per-expert module)
+    expert: int | None = None
+    checked: bool = False  # the single-module checks against the base already ran
 
 
 def refuse_unsupported(adapter: PeftAdapter) -> None:
@@ -118,7 +150,11 @@ def resolve_base(adapter: PeftAdapter, base: str | Path | None) -> BaseModel:
 
 
 def target_shape(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The base tensor shape a pair in llama.cpp's layout fits (token_embd's pair is stored flipped)."""
+    """The base tensor shape a pair in llama.cpp's layout fits (token_embd's pair is stored flipped; an
+    expert pair (E, r, in) / (E, out, r) fits (E, out, in), and both must agree on E)."""
+    if len(a_shape) == 3 or len(b_shape) == 3:
+        experts = a_shape[0] if len(a_shape) == 3 and len(b_shape) == 3 and a_shape[0] == b_shape[0] else -1
+        return (experts, b_shape[-2], a_shape[-1])
     return (a_shape[0], b_shape[0]) if name == "token_embd.weight" else (b_shape[0], a_shape[1])
 
 
@@ -131,10 +167,10 @@ def _fold(scale: float, alpha: float, rank: int) -> float:
     return scale / (alpha / rank) if alpha else scale
 
 
-def _land(pair: LoraPair, base: BaseModel, alpha: float, merging: bool) -> list[PlannedPair]:
-    """The GGUF pairs one PEFT pair becomes (today exactly one: its module's tensor), validated."""
+def _linear(pair: LoraPair, base: BaseModel, merging: bool) -> list[_Place]:
+    """A Linear or Embedding module (or a 2-D ParamWrapper such as a router weight): one GGUF tensor."""
     arch = base.arch
-    module = arch.normalize_module(pair.module)
+    module = arch.normalize_module(pair.unwrapped)
     leaf = module.rsplit(".", 1)[-1]
     gguf_name = _gguf_name(base, module)
     untie = merging and arch.output_slot
@@ -162,19 +198,20 @@ def _land(pair: LoraPair, base: BaseModel, alpha: float, merging: bool) -> list[
         raise AdapterError(f"Module {pair.module} has {'embedding' if pair.embedding else 'linear'} LoRA weights "
                            f"but maps to {gguf_name}", "the adapter does not fit this architecture",
                            "pass the adapter's own base")
+    if pair.stacked:
+        raise AdapterError(f"Module {pair.module} stacks {pair.experts} experts' LoRA weights but maps to {gguf_name}, "
+                           "which is not an expert tensor", "the adapter does not fit this architecture",
+                           "pass the adapter's own base")
     transforms = arch.transforms.get(leaf, ())
+    rows = pair.b_shape[0]
+    if base.tensors is not None and gguf_name not in base.tensors and not (gguf_name == "output.weight" and
+                                                                          base.tied_embeddings and untie):
+        return _route(pair, gguf_name, transforms, rows, None, module, base)
     a_shape, b_shape = pair.a_shape, pair.b_shape
     if pair.embedding:
         a_shape = (a_shape[1], a_shape[0])  # llama.cpp reads token_embd.lora_a as (vocab, r)
     if base.tensors is not None:
-        if gguf_name == "output.weight" and base.tied_embeddings and untie:
-            want = base.tensors["token_embd.weight"]
-        elif gguf_name not in base.tensors:
-            raise BaseMismatchError(f"Adapter targets {pair.module} ({gguf_name}), which base {base.source} "
-                                    "does not have", "the adapter was trained on another model",
-                                    "pass the adapter's own base")
-        else:
-            want = base.tensors[gguf_name]
+        want = base.tensors["token_embd.weight" if gguf_name not in base.tensors else gguf_name]
         if pair.embedding and "trim_vocab" in transforms and a_shape[0] > want[0]:
             a_shape = (want[0], a_shape[1])
         got = target_shape(gguf_name, a_shape, b_shape)
@@ -186,8 +223,197 @@ def _land(pair: LoraPair, base: BaseModel, alpha: float, merging: bool) -> list[
         raise InputError(f"Adapter trains embed_tokens of a {arch.name} model, whose GGUF drops unused vocabulary "
                          "rows", "the number of rows kept is known only from the base GGUF",
                          "pass --base BASE.gguf")
-    part = Part(pair, transforms, _fold(pair.scale, alpha, pair.rank))
-    return [PlannedPair(gguf_name, (part,), a_shape, b_shape)]
+    return [_Place(gguf_name, pair, transforms, None, rows, 0, pair.module, checked=True)]
+
+
+def _route(pair: LoraPair, name: str, transforms: tuple[str, ...], n_rows: int, split: str | None, module: str,
+           base: BaseModel, group: str | None = None, expert: int | None = None) -> list[_Place]:
+    """Land a module's rows on tensor `name`, or wherever the base holds them: a fused module on its fused
+    tensor (interleaved rows regrouped into llama.cpp's order) or split into the members the base holds
+    instead; a member module on its rows of a fused tensor the base holds."""
+    fused = fused_tensors()
+    prefix, stem = name.rsplit(".", 2)[0] + ".", name.split(".")[-2]
+    held = lambda n: base.tensors is None or n in base.tensors  # noqa: E731
+    group = group or pair.module
+
+    def place(target, rows, n, offset):
+        return _Place(target, pair, transforms, rows, n, offset, group, expert)
+
+    members = fused.get(stem, ())
+    if members and (not held(name) or base.tensors is None):  # split (a bare config: the converter's default)
+        if all(held(f"{prefix}{m}.weight") for m in members):
+            k = len(members)
+            if n_rows % k:
+                raise BaseMismatchError(f"Adapter module {module} has {n_rows} output rows, which do not divide into "
+                                        f"{', '.join(members)}", "the adapter was trained on another model size",
+                                        "pass the adapter's own base")
+            n = n_rows // k
+            return [place(f"{prefix}{m}.weight", (i, None, k) if split == "interleaved" else (i * n, (i + 1) * n, 1),
+                          n, 0) for i, m in enumerate(members)]
+    if held(name):
+        if members and split == "interleaved":  # the fused tensor holds the members one after the other
+            k = len(members)
+            return [place(name, (i, None, k), n_rows // k, i * (n_rows // k)) for i in range(k)]
+        return [place(name, None, n_rows, 0)]
+    for fused_stem, parts in fused.items():
+        target = f"{prefix}{fused_stem}.weight"
+        if stem in parts and target in base.tensors:
+            size = base.tensors[target][-2] // len(parts)
+            return [place(target, None, n_rows, parts.index(stem) * size)]
+    raise BaseMismatchError(f"Adapter targets {module} ({name}), which base {base.source} does not have",
+                            "the adapter was trained on another model", "pass the adapter's own base")
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _expert_dims(base: BaseModel, layer: int, module: str) -> tuple[int, int, int]:
+    """(experts, hidden, expert ffn) of one layer: from its expert tensors, else from the base's metadata."""
+    tensors = base.tensors or {}
+    for role, stem in EXPERT_STEMS.items():
+        shape = tensors.get(f"blk.{layer}.{stem}.weight")
+        if shape is not None and len(shape) == 3:
+            e, out, inp = shape
+            return (e, out, inp) if role == "down" else (e, inp, out // 2 if role == "gate_up" else out)
+    if base.tensors is None and base.n_expert and base.n_embd and base.n_ff_exp:
+        return base.n_expert, base.n_embd, base.n_ff_exp
+    raise BaseMismatchError(f"Adapter adapts the experts {module}, and base {base.source} has no experts in layer "
+                            f"{layer}", "the adapter was trained on another model", "pass the adapter's own base")
+
+
+def _check_dims(pair: LoraPair, role: str, dims: tuple[int, int, int], module: str) -> None:
+    _, hidden, ffn = dims
+    (ih, ii), (oh, oi) = _ROLE_DIMS[role]
+    want_in, want_out = ih * hidden + ii * ffn, oh * hidden + oi * ffn
+    if (pair.a_shape[1], pair.b_shape[0]) != (want_in, want_out):
+        raise BaseMismatchError(f"Adapter's {module} ({role}) has in {pair.a_shape[1]}, out {pair.b_shape[0]}, but "
+                                f"the base's experts have in {want_in}, out {want_out}",
+                                "the adapter was trained on another model size", "pass the adapter's own base")
+
+
+def _experts(adapter: PeftAdapter, pair: LoraPair, base: BaseModel) -> list[_Place] | None:
+    """Expert pairs: a stacked ParamWrapper (transformers >= 5) or one expert's module (transformers 4);
+    None for anything else."""
+    arch, spec = base.arch, base.arch.experts
+    module = arch.normalize_module(pair.unwrapped)
+    layer = _LAYER.search(module)
+    per_expert = re.search(r"\.experts\.(\d+)\.([^.]+)$", module)
+    stacked = pair.stacked
+    if spec is None:
+        if stacked or per_expert:
+            raise UnsupportedError(f"Adapter adapts the experts {pair.unwrapped}, and gguf-lora does not know how "
+                                   f"{arch.name} lays out its experts", "a wrong split or order would be silently "
+                                   "wrong", "open an issue with the model name")
+        return None
+    if layer is None:
+        return None
+    n_layer = int(layer.group(1))
+    prefix = module[: layer.end()]
+    if pair.wrapper and spec.module and module == prefix + spec.module:
+        dims = _expert_dims(base, n_layer, pair.unwrapped)
+        experts, hidden, ffn = dims
+        candidates = [(p, role) for p, role in spec.params.items() if p in pair.params] or list(spec.params.items())
+        found = []
+        for param, role in candidates:
+            (ih, ii), (oh, oi) = _ROLE_DIMS[role]
+            if (pair.a_shape[1], pair.b_shape[0]) == (ih * hidden + ii * ffn, oh * hidden + oi * ffn):
+                found.append((param, role))
+        if len(found) != 1:
+            raise AdapterError(f"Adapter's {pair.module} has lora_A {pair.a_shape} and lora_B {pair.b_shape}, which "
+                               f"match neither expert projection of base {base.source} ("
+                               + "; ".join(f"{p}: in {ih * hidden + ii * ffn}, out {oh * hidden + oi * ffn}"
+                                           for p, r in candidates for (ih, ii), (oh, oi) in [_ROLE_DIMS[r]])
+                               + ")", "the adapter was trained on another model", "pass the adapter's own base")
+        param, role = found[0]
+        rank, alpha = adapter.rank_alpha(f"{pair.unwrapped}.{param}")
+        rows = pair.a_shape[0]
+        if rank < 1 or rows % rank or rows // rank != experts:
+            said = f"{rows // rank} experts of rank {rank}" if rank > 0 and rows % rank == 0 else f"rank {rank}"
+            raise BaseMismatchError(f"Adapter's {pair.module} ({param}) stacks {rows} rows in lora_A: {said} per "
+                                    f"its config, but base {base.source} has {experts} experts in layer {n_layer}",
+                                    "lora_A holds experts x rank rows; llama.cpp does not check the expert count "
+                                    "(a wrong one writes out of bounds at run time)",
+                                    "pass the adapter's own base and the adapter_config.json saved with it")
+        pair = replace(pair, rank=rank, alpha=alpha, scale=adapter.scale_for(rank, alpha), experts=experts,
+                       params=(param,))
+        name = f"blk.{n_layer}.{EXPERT_STEMS[role]}.weight"
+        return _route(pair, name, (), pair.b_shape[0], spec.gate_up if role == "gate_up" else None,
+                      f"{pair.unwrapped}.{param}", base)
+    expert, leaf = (int(per_expert.group(1)), per_expert.group(2)) if per_expert else (None, None)
+    if (per_expert and spec.per_expert_module and leaf in spec.per_expert_leaves
+            and module == f"{prefix}{spec.per_expert_module}.{expert}.{leaf}"):
+        role = spec.per_expert_leaves[leaf]
+        dims = _expert_dims(base, n_layer, pair.module)
+        if expert >= dims[0]:
+            raise BaseMismatchError(f"Adapter adapts expert {expert} ({pair.module}), and base {base.source} has "
+                                    f"{dims[0]} experts in layer {n_layer}", "llama.cpp does not check the expert "
+                                    "count (a wrong one writes out of bounds at run time)", "pass the adapter's own base")
+        _check_dims(pair, role, dims, pair.module)
+        name = f"blk.{n_layer}.{EXPERT_STEMS[role]}.weight"
+        stem = f"{module[: per_expert.start()]}.experts.{leaf}"
+        return _route(pair, name, (), pair.b_shape[0], None, stem, base, group=stem, expert=expert)
+    if stacked or per_expert:
+        raise UnsupportedError(f"Adapter adapts {pair.module}, which gguf-lora does not know as an expert module of "
+                               f"{arch.name}", f"known: {spec.module} ({', '.join(spec.params)})"
+                               + (f", {spec.per_expert_module}.N.{{{','.join(spec.per_expert_leaves)}}}"
+                                  if spec.per_expert_module else ""), "open an issue with the model name")
+    return None
+
+
+def _places(adapter: PeftAdapter, pair: LoraPair, base: BaseModel, merging: bool) -> list[_Place]:
+    return _experts(adapter, pair, base) or _linear(pair, base, merging)
+
+
+def _assemble(target: str, places: list[_Place], base: BaseModel, alpha: float) -> PlannedPair:
+    """One GGUF pair from its places: rank columns per group (A concatenated, B block-diagonal), experts
+    stacked, folds for the target's rank, shapes checked against the base."""
+    if len(places) == 1 and places[0].checked:  # a module onto its own tensor, checked already
+        p = places[0]
+        a_shape, b_shape = p.pair.a_shape, p.pair.b_shape
+        if p.pair.embedding:
+            a_shape = (a_shape[1], a_shape[0])
+            want = (base.tensors or {}).get(target)
+            if want is not None and "trim_vocab" in p.transforms and a_shape[0] > want[0]:
+                a_shape = (want[0], a_shape[1])
+        part = Part(p.pair, p.transforms, _fold(p.pair.scale, alpha, p.pair.rank))
+        return PlannedPair(target, (part,), a_shape, b_shape)
+    groups: dict[str, int] = {}  # group -> its rank, in the order of the rows they land on
+    for p in sorted(places, key=lambda p: (p.offset, p.group)):
+        if groups.setdefault(p.group, p.pair.rank) != p.pair.rank:
+            ranks = sorted({q.pair.rank for q in places if q.group == p.group})
+            raise AdapterError(f"Adapter's {p.group} has ranks {ranks} across experts", "llama.cpp stores one rank "
+                               f"per tensor ({target})", "retrain with one rank for all experts (rank_pattern)")
+    offsets, rank = {}, 0
+    for group, r in groups.items():
+        offsets[group], rank = rank, rank + r
+    want = (base.tensors or {}).get(target)
+    experts = 0
+    if want is not None and len(want) == 3:
+        experts = want[0]
+    elif any(p.expert is not None or p.pair.stacked for p in places):
+        experts = base.n_expert or max([p.pair.experts for p in places if p.pair.stacked]
+                                       + [p.expert + 1 for p in places if p.expert is not None])
+    inputs = {p.pair.a_shape[1] for p in places}
+    if len(inputs) != 1:
+        raise BaseMismatchError(f"Adapter modules {', '.join(sorted({p.pair.module for p in places}))} disagree on "
+                                f"their input size ({sorted(inputs)}) but all land on {target}",
+                                "the adapter was trained on another model", "pass the adapter's own base")
+    n_in = inputs.pop()
+    out = want[-2] if want is not None else max(p.offset + p.n_rows for p in places)
+    a_shape = (rank, n_in) if not experts else (experts, rank, n_in)
+    b_shape = (out, rank) if not experts else (experts, out, rank)
+    if want is not None and target_shape(target, a_shape, b_shape) != tuple(want):
+        raise BaseMismatchError(f"Adapter modules {', '.join(sorted({p.pair.module for p in places}))} give "
+                                f"{target} shape {target_shape(target, a_shape, b_shape)} but the base tensor is "
+                                f"{tuple(want)}", "the adapter was trained on another model size",
+                                "pass the adapter's own base")
+    for p in places:
+        if p.offset + p.n_rows > out:
+            raise BaseMismatchError(f"Adapter module {p.pair.module} has more output rows than {target} holds",
+                                    "the adapter was trained on another model size", "pass the adapter's own base")
+    parts = tuple(Part(p.pair, p.transforms, _fold(p.pair.scale, alpha, rank), p.rows, p.offset, offsets[p.group],
+                       p.expert) for p in places)
+    return PlannedPair(target, parts, a_shape, b_shape)
 
 
 def plan(adapter: PeftAdapter, base: BaseModel, merging: bool = False) -> tuple[float, list[PlannedPair]]:
@@ -198,9 +424,11 @@ def plan(adapter: PeftAdapter, base: BaseModel, merging: bool = False) -> tuple[
     if not merging:
         refuse_unsupported(adapter)
     alpha = float(adapter.config["lora_alpha"])
-    planned: list[PlannedPair] = []
+    targets: dict[str, list[_Place]] = {}
     for pair in adapter.pairs.values():
-        planned.extend(_land(pair, base, alpha, merging))
+        for place in _places(adapter, pair, base, merging):
+            targets.setdefault(place.target, []).append(place)
+    planned = [_assemble(target, places, base, alpha) for target, places in targets.items()]
     check_base_copies(adapter, base)
     if not planned:
         raise AdapterError(f"Adapter {adapter.path} holds no LoRA pairs", "", "check the adapter folder")
@@ -260,12 +488,22 @@ def transform_rows(arr: np.ndarray, transforms: tuple[str, ...], base: BaseModel
 
 
 def _part_arrays(adapter: PeftAdapter, part: Part, a_rows: int, base: BaseModel) -> tuple[np.ndarray, np.ndarray]:
-    """One part's lora_a (r, in) and lora_b rows (n, r), transformed and folded, float32."""
-    a = adapter.read(part.pair.a_key)
-    b = transform_rows(adapter.read(part.pair.b_key), part.transforms, base)
-    if part.rows is not None:
-        b = b[slice(*part.rows)]
-    if part.pair.embedding:
+    """One part's lora_a and lora_b rows, transformed and folded, float32: (r, in) / (n, r), or for a stacked
+    pair (E, r, in) / (E, n, r) (PEFT stacks A expert-major and B expert-minor: B.reshape(out, r, E))."""
+    pair = part.pair
+    a = adapter.read(pair.a_key)
+    b = adapter.read(pair.b_key)
+    if pair.stacked:
+        e, r = pair.experts, pair.rank
+        a = a.reshape(e, r, a.shape[-1])
+        b = b.reshape(b.shape[0], r, e).transpose(2, 0, 1)
+        if part.rows is not None:
+            b = b[:, slice(*part.rows)]
+    else:
+        b = transform_rows(b, part.transforms, base)
+        if part.rows is not None:
+            b = b[slice(*part.rows)]
+    if pair.embedding:
         a = a.T[:a_rows]
     if part.fold != 1.0:
         b = b * np.float32(part.fold)
@@ -273,18 +511,22 @@ def _part_arrays(adapter: PeftAdapter, part: Part, a_rows: int, base: BaseModel)
 
 
 def pair_arrays(adapter: PeftAdapter, p: PlannedPair, base: BaseModel) -> tuple[np.ndarray, np.ndarray]:
-    """lora_a and lora_b in llama.cpp's layout, float32, every transform and the scale fold applied."""
-    whole = len(p.parts) == 1 and p.parts[0].rows is None and not p.parts[0].offset
-    if whole:
-        a, b = _part_arrays(adapter, p.parts[0], p.a_shape[0], base)
+    """lora_a and lora_b in llama.cpp's layout, float32, every transform and the scale fold applied (for
+    experts: (E, r, in) and (E, out, r))."""
+    first = p.parts[0]
+    if len(p.parts) == 1 and first.rows is None and not first.offset and first.expert is None:
+        a, b = _part_arrays(adapter, first, p.a_shape[0], base)
         return np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(b, dtype=np.float32)
     a = np.zeros(p.a_shape, np.float32)
     b = np.zeros(p.b_shape, np.float32)
     for part in p.parts:
         pa, pb = _part_arrays(adapter, part, p.a_shape[0], base)
-        r = pa.shape[0]
-        a[part.rank_offset:part.rank_offset + r] = pa  # parts of one source share its rank columns
-        b[part.offset:part.offset + pb.shape[0], part.rank_offset:part.rank_offset + r] = pb
+        r, n = pa.shape[-2], pb.shape[-2]
+        ranks, rows = slice(part.rank_offset, part.rank_offset + r), slice(part.offset, part.offset + n)
+        if part.expert is not None:
+            a[part.expert, ranks], b[part.expert, rows, ranks] = pa, pb
+        else:  # parts of one source share its rank columns
+            a[..., ranks, :], b[..., rows, ranks] = pa, pb
     return a, b
 
 

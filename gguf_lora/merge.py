@@ -89,7 +89,7 @@ def _gguf_lora(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, lis
             raise AdapterError(f"{path}: {name} has no lora_b", "the file is incomplete", "convert the adapter again")
         a_shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         b_shape = tuple(int(d) for d in reversed(tb.shape.tolist()))
-        rank = b_shape[1]
+        rank = b_shape[-1]
         want = base.tensors.get(target) or (base.tensors.get("token_embd.weight") if target == "output.weight" else None)
         got = target_shape(target, a_shape, b_shape)
         if want is None or tuple(want) != got:
@@ -146,17 +146,35 @@ def _peft(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, list[Con
 
 @dataclass
 class Prepared:
-    """A contribution made ready for one tensor, then applied a slice of rows at a time."""
+    """A contribution made ready for one tensor, then applied a slice of rows at a time. The low-rank
+    product is formed per slice (B[rows] @ A; per expert for 3-D tensors), so no adapter's delta ever exists
+    whole in float32: an expert tensor or a 128256 x 4096 embedding costs a slice, not a tensor."""
 
-    delta: np.ndarray | None = None  # factor * B @ A in the tensor's layout
+    a: np.ndarray | None = None  # lora_a in llama.cpp's layout: (r, in), (vocab, r) for token_embd, (E, r, in)
+    b: np.ndarray | None = None  # factor * lora_b: (out, r), (E, out, r)
+    embedding: bool = False  # token_embd: rows are lora_a's rows, delta = a @ b.T
     magnitude: np.ndarray | None = None
     replace: np.ndarray | None = None
     add: np.ndarray | None = None
 
+    def delta(self, sl: slice) -> np.ndarray:
+        """factor * B @ A for rows sl of the tensor (rows of all experts, expert-major, for a 3-D tensor)."""
+        if self.embedding:
+            return self.a[sl] @ self.b.T
+        if self.b.ndim == 2:
+            return self.b[sl] @ self.a
+        out = self.b.shape[1]
+        start, stop, _ = sl.indices(self.b.shape[0] * out)
+        pieces = []
+        for e in range(start // out, (stop - 1) // out + 1):
+            lo, hi = max(start, e * out) - e * out, min(stop, (e + 1) * out) - e * out
+            pieces.append(self.b[e, lo:hi] @ self.a[e])
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
 
 def prepare(name: str, c: Contribution) -> Prepared:
-    """Load a contribution for one tensor. The low-rank product is formed here in one BLAS call, not per
-    row slice: BLAS's own threads inside our two workers would oversubscribe the cores (measured 40%)."""
+    """Load a contribution for one tensor: the factors, with the scale folded into B (the product comes
+    per slice, in apply_rows)."""
     if c.replace is not None:
         return Prepared(replace=c.replace())
     if c.add is not None:
@@ -164,8 +182,7 @@ def prepare(name: str, c: Contribution) -> Prepared:
     a, b = c.load()
     with np.errstate(over="ignore", invalid="ignore"):  # an absurd scale is reported as NaN/Inf per tensor
         b = b * np.float32(c.factor)
-        delta = (a @ b.T) if name == "token_embd.weight" else (b @ a)  # lora_a's rows are token_embd's rows
-    return Prepared(delta, c.magnitude() if c.magnitude else None)
+    return Prepared(a, b, name == "token_embd.weight", c.magnitude() if c.magnitude else None)
 
 
 def apply_rows(w: np.ndarray, sl: slice, p: Prepared) -> np.ndarray:
@@ -175,7 +192,7 @@ def apply_rows(w: np.ndarray, sl: slice, p: Prepared) -> np.ndarray:
     if p.add is not None:
         w += p.add.reshape(1, -1)
         return w
-    w += p.delta[sl]
+    w += p.delta(sl)
     if p.magnitude is not None:  # DoRA (PEFT's merge): W' = m / ||W + s·BA||_row · (W + s·BA)
         w *= (p.magnitude[sl] / np.linalg.norm(w, axis=1)).astype(np.float32)[:, None]
     return w
@@ -225,7 +242,8 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: st
               if name not in new_biases}
     types = {} if outtype == "same" else plan_types(
         [(name, shapes[name], source(name).tensor_type) for name in shapes], outtype, model.n_layers,
-        is_70b(model.arch.name, model.n_layers, model.n_head, model.n_head_kv), model.n_head // model.n_head_kv)
+        is_70b(model.arch.name, model.n_layers, model.n_head, model.n_head_kv), model.n_head // model.n_head_kv,
+        model.n_expert)
     specs = []
     for name in order:
         if name in new_biases:  # as long as its weight has rows; llama.cpp keeps 1-D tensors in F32

@@ -29,6 +29,7 @@ _FULL = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)(?:\.modules_to_sav
 _BIAS = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)(?P<lora>\.lora_B(?:\.[^.]+)?)?\.bias$")
 _PAIR = re.compile(r"^(?P<module>.+)\.lora_(?P<emb>embedding_)?(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
 _PREFIXES = ("base_model.model.",)
+_WRAPPED = ".base_layer"
 # PEFT's save_embedding_layers writes the base model's own embedding / output weights beside the pairs.
 _BASE_COPY = re.compile(r"^(?:base_model\.model\.)?(?P<module>(?:.+\.)?(?:embed_tokens|lm_head))(?:\.base_layer)?\.weight$")
 
@@ -58,6 +59,12 @@ def peft_scale(rank: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
+def _rank_alpha(cfg: dict[str, Any], key: str) -> tuple[int, float]:
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    return (int(rank_pattern.get(get_pattern_key(rank_pattern, key), cfg["r"])),
+            float(alpha_pattern.get(get_pattern_key(alpha_pattern, key), cfg["lora_alpha"])))
+
+
 @dataclass
 class LoraPair:
     """One adapted module: ΔW = scale · B @ A (embeddings: ΔE = (B @ A)ᵀ, looked up by token)."""
@@ -72,10 +79,32 @@ class LoraPair:
     rank: int
     alpha: float
     scale: float
+    # PEFT's ParamWrapper (target_parameters): the parameters it may adapt, and for a 3-D parameter (stacked
+    # experts) how many experts lora_A (experts * rank, in) / lora_B (out, rank * experts) stack. Both are
+    # read from the config here; mapping decides which parameter a wrapper is by its shape against the base.
+    params: tuple[str, ...] = ()
+    experts: int = 0
 
     @property
     def hf_weight(self) -> str:
         return self.module + ".weight"
+
+    @property
+    def wrapper(self) -> bool:
+        return bool(self.params) or self.module.endswith(_WRAPPED)
+
+    @property
+    def stacked(self) -> bool:
+        """A 3-D parameter's pair: lora_A (experts * rank, in), lora_B (out, rank * experts)."""
+        return self.wrapper and self.experts > 1
+
+    @property
+    def unwrapped(self) -> str:
+        """The adapted module: nested ParamWrappers (one per parameter) save under module.base_layer..."""
+        module = self.module
+        while module.endswith(_WRAPPED):
+            module = module[: -len(_WRAPPED)]
+        return module
 
 
 @dataclass
@@ -163,6 +192,13 @@ class PeftAdapter:
                                "the adapter's training diverged or the file is damaged",
                                "use a checkpoint from before the divergence")
         return arr
+
+    def rank_alpha(self, key: str) -> tuple[int, float]:
+        """PEFT's rank and alpha for a module or parameter key (rank_pattern / alpha_pattern, else r / lora_alpha)."""
+        return _rank_alpha(self.config, key)
+
+    def scale_for(self, rank: int, alpha: float) -> float:
+        return peft_scale(rank, alpha, bool(self.config.get("use_rslora")))
 
     def shape(self, key: str) -> tuple[int, ...]:
         if isinstance(self._reader, SafetensorsFile):
@@ -264,9 +300,8 @@ def load_adapter(path: str | Path) -> PeftAdapter:
         slot["emb"] = bool(m.group("emb"))
         slot[m.group("ab")] = key
 
-    rank_pattern = cfg.get("rank_pattern") or {}
-    alpha_pattern = cfg.get("alpha_pattern") or {}
-    rslora = bool(cfg.get("use_rslora"))
+    targets = cfg.get("target_parameters") or []
+    targets = [str(t) for t in targets] if isinstance(targets, list) else []  # PEFT saves a list
     pairs: dict[str, LoraPair] = {}
     for module, slot in sorted(halves.items()):
         if "A" not in slot or "B" not in slot:
@@ -282,14 +317,47 @@ def load_adapter(path: str | Path) -> PeftAdapter:
         if b_shape[1] != rank:
             raise AdapterError(f"Module {module}: lora_A {a_shape} and lora_B {b_shape} disagree on the rank",
                                "the file is inconsistent", "re-save the adapter")
-        r_cfg = rank_pattern.get(get_pattern_key(rank_pattern, module), cfg["r"])
-        alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern, module), cfg["lora_alpha"]))
-        if int(r_cfg) != rank:
+        pair = LoraPair(module, slot["emb"], slot["A"], slot["B"], a_shape, b_shape, a_dtype, rank, 0.0, 0.0)
+        pair.params = _wrapped_params(pair.unwrapped, targets)
+        if pair.wrapper:
+            pairs[module] = _param_wrapper(cfg, pair)
+            continue
+        r_cfg, alpha = _rank_alpha(cfg, module)
+        if r_cfg != rank:
             raise AdapterError(f"Module {module} has rank {rank} in its weights but {r_cfg} in {CONFIG}",
                                "the config does not describe these weights, so PEFT's scale would be unknown",
                                "use the adapter_config.json saved with these weights")
-        pairs[module] = LoraPair(module, slot["emb"], slot["A"], slot["B"], a_shape, b_shape, a_dtype,
-                                 rank, alpha, peft_scale(rank, alpha, rslora))
+        pair.alpha, pair.scale = alpha, peft_scale(rank, alpha, bool(cfg.get("use_rslora")))
+        pairs[module] = pair
     if not pairs and not others and not base_copies:
         raise AdapterError(f"{weights_file} holds no tensors", "", "re-save the adapter")
     return PeftAdapter(path, cfg, weights_file, pairs, others, base_copies, reader)
+
+
+def _wrapped_params(module: str, targets: list[str]) -> tuple[str, ...]:
+    """The parameters of `module` that target_parameters names (PEFT's rule: the key module.param equals a
+    target or ends with '.' + target)."""
+    out = []
+    for target in targets:
+        param = target.rpartition(".")[2]
+        key = f"{module}.{param}"
+        if (key == target or key.endswith("." + target)) and param not in out:
+            out.append(param)
+    return tuple(out)
+
+
+def _param_wrapper(cfg: dict[str, Any], pair: LoraPair) -> LoraPair:
+    """A ParamWrapper's rank and expert count as far as the config tells: lora_A stacks experts * rank rows,
+    so the configured rank (of any parameter the wrapper may adapt) must divide them."""
+    rows = pair.a_shape[0]
+    keys = [f"{pair.unwrapped}.{p}" for p in pair.params] or [pair.unwrapped]
+    options = sorted({_rank_alpha(cfg, k) for k in keys})
+    fitting = [(r, a) for r, a in options if r > 0 and rows % r == 0]
+    if not fitting:
+        raise AdapterError(f"Module {pair.module} has {rows} rows in lora_A, not a multiple of its rank "
+                           f"{' or '.join(str(r) for r, _ in options)} in {CONFIG}",
+                           "the config does not describe these weights", "use the adapter_config.json saved with them")
+    rank, alpha = fitting[0]
+    scale = peft_scale(rank, alpha, bool(cfg.get("use_rslora")))
+    pair.rank, pair.alpha, pair.scale, pair.experts = rank, alpha, scale, rows // rank
+    return pair

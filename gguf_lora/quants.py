@@ -374,6 +374,69 @@ def quantize_q8_0(rows: np.ndarray) -> np.ndarray:
     return out.view(np.uint8).reshape(rows.shape[0], -1)
 
 
+_KVALUES_MXFP4 = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.float32)  # E2M1, doubled
+_LIBM: object = _UNSET
+
+
+def _libm_log2f():
+    """libm's own log2f (what ggml calls), for the few values where its rounding decides; None off glibc."""
+    global _LIBM
+    if _LIBM is _UNSET:
+        import ctypes
+        import ctypes.util
+
+        try:
+            fn = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6").log2f
+            fn.argtypes, fn.restype = [ctypes.c_float], ctypes.c_float
+            _LIBM = fn
+        except (OSError, AttributeError):
+            _LIBM = None
+    return _LIBM
+
+
+def _floor_log2f(amax: np.ndarray) -> np.ndarray:
+    """floorf(log2f(amax)) for positive float32 amax, as ggml evaluates it. log2f rounds to float32, so an
+    amax just below a power of two can give that power's exponent (log2f(7.9999995f) == 3.0f). The exact
+    floor comes from frexp; log2 rounded to float32 decides the rest, and for amax within 2^-16 below a
+    power of two (where a libm's last-bit error could flip it) libm's log2f itself is asked."""
+    mant, exp = np.frexp(amax)  # amax = mant * 2**exp, mant in [0.5, 1)
+    out = (exp - 1).astype(np.int64)
+    rounded = np.log2(amax.astype(np.float64)).astype(np.float32)
+    out = np.where(rounded >= exp, exp, out)
+    near = np.flatnonzero(mant > np.float32(1 - 2 ** -16))
+    log2f = _libm_log2f() if near.size else None
+    if log2f is not None:
+        flat, values = out.reshape(-1), amax.reshape(-1)
+        for i in near:
+            flat[i] = int(np.floor(np.float32(log2f(float(values[i])))))
+    return out
+
+
+def quantize_mxfp4(rows: np.ndarray) -> np.ndarray:
+    """quantize_row_mxfp4_ref: per 32 values an E8M0 exponent e = floor(log2(amax)) - 2 + 127 (stored as
+    the low byte of the C int conversion, as gcc compiles the uint8_t cast) and 16 bytes of nibbles (value j
+    in the low nibble of byte j, value j+16 in the high one), each the first of the 16 E2M1 levels times
+    2^(e-128) nearest to the value (strict <, in float32, as the C loop)."""
+    x = rows.astype(np.float32).reshape(-1, 32)
+    amax = np.abs(x).max(axis=1)
+    positive = amax > 0
+    e = np.zeros(len(x), np.int64)
+    if positive.any():
+        e[positive] = _floor_log2f(amax[positive]) - 2 + 127
+    e = (e & 0xFF).astype(np.uint32)
+    d = np.where(e < 2, np.uint32(0x00200000) << e, (e - 1) << np.uint32(23)).astype(np.uint32).view(np.float32)
+    d = d[:, None]
+    best = np.zeros(x.shape, np.uint8)
+    best_err = np.abs(_KVALUES_MXFP4[0] * d - x)
+    for i in range(1, 16):
+        err = np.abs(_KVALUES_MXFP4[i] * d - x)
+        better = err < best_err
+        best[better] = i
+        best_err = np.where(better, err, best_err)
+    qs = best[:, :16] | (best[:, 16:] << 4)
+    return np.concatenate([e.astype(np.uint8)[:, None], qs], axis=1).reshape(rows.shape[0], -1)
+
+
 _POOL: ThreadPoolExecutor | None = None
 _CHUNK = 1 << 20  # elements per work item: small enough to stay in cache, big enough to release the GIL well
 _CHUNK_K = 1 << 18  # the K-quant searches keep a dozen temporaries per element: smaller slices stay in L2
@@ -386,6 +449,9 @@ def _encode_rows(rows: np.ndarray, qtype: Q) -> np.ndarray:
         return rows.astype(np.float16)
     if qtype == Q.Q8_0:
         return quantize_q8_0(rows)
+    if qtype == Q.MXFP4:
+        with np.errstate(over="ignore"):  # huge blocks: k * 2^127 overflows to inf, as in C
+            return quantize_mxfp4(rows)
     if qtype in _K_QUANTS:
         with np.errstate(all="ignore"):  # the reference divides by ranges that may be 0 or subnormal, as C does
             return _K_QUANTS[qtype](rows)
@@ -428,4 +494,4 @@ def decode(data: np.ndarray, qtype: Q) -> np.ndarray:
 
 _K_QUANTS = {Q.Q2_K: quantize_q2_k, Q.Q3_K: quantize_q3_k, Q.Q4_K: quantize_q4_k, Q.Q5_K: quantize_q5_k,
              Q.Q6_K: quantize_q6_k}
-WRITABLE = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, *_K_QUANTS})
+WRITABLE = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.MXFP4, *_K_QUANTS})

@@ -15,6 +15,7 @@ OUTTYPES: dict[str, tuple[FT, Q]] = {
     "q2_k": (FT.MOSTLY_Q2_K, Q.Q2_K), "q3_k_s": (FT.MOSTLY_Q3_K_S, Q.Q3_K), "q3_k_m": (FT.MOSTLY_Q3_K_M, Q.Q3_K),
     "q3_k_l": (FT.MOSTLY_Q3_K_L, Q.Q3_K), "q4_k_s": (FT.MOSTLY_Q4_K_S, Q.Q4_K), "q4_k_m": (FT.MOSTLY_Q4_K_M, Q.Q4_K),
     "q5_k_s": (FT.MOSTLY_Q5_K_S, Q.Q5_K), "q5_k_m": (FT.MOSTLY_Q5_K_M, Q.Q5_K), "q6_k": (FT.MOSTLY_Q6_K, Q.Q6_K),
+    "mxfp4_moe": (FT.MOSTLY_MXFP4_MOE, Q.MXFP4),  # expert tensors MXFP4, the rest Q8_0 (gpt-oss's own layout)
 }
 
 # tensor_allows_quantization: substrings and exact names llama-quantize leaves alone
@@ -60,11 +61,13 @@ def _use_more_bits(i: int, n: int) -> bool:
 
 
 def plan_types(tensors: list[tuple[str, tuple[int, ...], Q]], outtype: str, n_layers: int,
-               model_70b: bool = False, n_gqa: int = 1) -> dict[str, Q]:
-    """llama_tensor_get_type for every tensor (dense model, no imatrix, no overrides).
+               model_70b: bool = False, n_gqa: int = 1, n_expert: int = 0) -> dict[str, Q]:
+    """llama_tensor_get_type for every tensor (no imatrix, no overrides).
 
     llama-quantize walks tensors by layer number, then name (weight_name_comparer); the attn_v and
-    ffn_down counters of the K-quant mixes follow that order, so this does too."""
+    ffn_down counters of the K-quant mixes follow that order, so this does too. With experts
+    (n_expert > 1) the ffn_down rules take the layer from the tensor's name instead of the counter, and
+    8-expert models get their own attn_v / attn_k / attn_output rules (the Mixtral-8x7B tuning)."""
     default = OUTTYPES[outtype][1]
     has_output = any(name == "output.weight" for name, _, _ in tensors)
     ordered = sorted(tensors, key=lambda t: (_layer(t[0]), t[0]))
@@ -81,10 +84,14 @@ def plan_types(tensors: list[tuple[str, tuple[int, ...], Q]], outtype: str, n_la
         new = default
         ncols = shape[-1]
         if name == "output.weight" or (not has_output and name == "token_embd.weight"):
-            if ncols % gguf.GGML_QUANT_SIZES[default][0] != 0:
+            if outtype == "mxfp4_moe":
+                new = Q.Q8_0
+            elif ncols % gguf.GGML_QUANT_SIZES[default][0] != 0:
                 new = Q.Q8_0
             elif new != Q.Q8_0:
                 new = Q.Q6_K
+        elif outtype == "mxfp4_moe":  # experts (ne[2] > 1) MXFP4, everything else Q8_0
+            new = Q.MXFP4 if len(shape) == 3 and shape[0] > 1 else Q.Q8_0
         elif name == "token_embd.weight":
             pass
         elif "attn_v.weight" in name or "attn_qkv.weight" in name:  # category_is_attn_v
@@ -100,21 +107,35 @@ def plan_types(tensors: list[tuple[str, tuple[int, ...], Q]], outtype: str, n_la
                 new = Q.Q5_K
             if model_70b and new in (Q.Q3_K, Q.Q4_K):
                 new = Q.Q5_K
+            if n_expert == 8:
+                new = Q.Q8_0
             i_attn_v += 1
+        elif "attn_k.weight" in name:
+            if n_expert == 8:
+                new = Q.Q8_0
+        elif "attn_q.weight" in name:
+            pass
+        elif "attn_output.weight" in name:
+            if n_expert == 8:
+                if outtype in ("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m"):
+                    new = Q.Q5_K
+            else:
+                new = {"q2_k": Q.Q3_K, "q3_k_m": Q.Q4_K, "q3_k_l": Q.Q5_K}.get(outtype, new)
+        elif "ffn_up" in name or "ffn_gate" in name:
+            pass  # only the IQ mixes change these
         elif "ffn_down" in name:
+            i_layer = _layer(name) if n_expert > 1 else i_ffn_down
             if outtype == "q2_k":
                 new = Q.Q3_K
             elif outtype == "q3_k_m":
-                new = Q.Q5_K if i_ffn_down < n_layers // 16 else Q.Q4_K
+                new = Q.Q5_K if i_layer < n_layers // 16 else Q.Q4_K
             elif outtype == "q3_k_l":
                 new = Q.Q5_K
-            elif outtype in ("q4_k_m", "q5_k_m") and _use_more_bits(i_ffn_down, n_layers):
+            elif outtype in ("q4_k_m", "q5_k_m") and _use_more_bits(i_layer, n_layers):
                 new = Q.Q6_K
-            elif outtype == "q4_k_s" and i_ffn_down < n_layers // 8:
+            elif outtype == "q4_k_s" and i_layer < n_layers // 8:
                 new = Q.Q5_K
             i_ffn_down += 1
-        elif "attn_output.weight" in name:
-            new = {"q2_k": Q.Q3_K, "q3_k_m": Q.Q4_K, "q3_k_l": Q.Q5_K}.get(outtype, new)
         out[name] = _fallback(new, ncols)
     return out
 

@@ -15,9 +15,24 @@ from gguf_lora.llama_cpp import find_source_file, find_tool
 from gguf_lora.runtime.llama_server import free_port
 
 
-def hf_to_gguf(hf_folder: Path, out: Path, outtype: str = "f32") -> Path:
+# convert_hf_to_gguf.py with one change: the tokenizer is read from tokenizer.model (sentencepiece) where
+# the model class would insist on a BPE tokenizer.json of a known pre-tokenizer (qwen3moe, gpt-oss), which a
+# tiny offline model cannot have. Tensors (names, layout, splits) are the converter's own.
+_SPM_VOCAB = """
+import runpy, sys
+src = sys.argv.pop(1)
+sys.path[:0] = [src, src + "/gguf-py"]
+import conversion.base, conversion.gpt_oss
+spm = lambda self: self._set_vocab_sentencepiece()
+conversion.base.TextModel.set_vocab = conversion.gpt_oss.GptOssModel.set_vocab = spm
+runpy.run_path(src + "/convert_hf_to_gguf.py", run_name="__main__")
+"""
+
+
+def hf_to_gguf(hf_folder: Path, out: Path, outtype: str = "f32", spm_vocab: bool = False) -> Path:
     script = find_source_file("convert_hf_to_gguf.py")
-    proc = subprocess.run([sys.executable, str(script), str(hf_folder), "--outfile", str(out), "--outtype", outtype],
+    cmd = [sys.executable, "-c", _SPM_VOCAB, str(script.parent)] if spm_vocab else [sys.executable, str(script)]
+    proc = subprocess.run(cmd + [str(hf_folder), "--outfile", str(out), "--outtype", outtype],
                           capture_output=True, text=True)
     assert proc.returncode == 0, f"convert_hf_to_gguf.py failed:\n{proc.stderr[-3000:]}"
     return out
@@ -32,8 +47,8 @@ def lora_to_gguf(adapter: Path, hf_base: Path, out: Path, outtype: str = "f32") 
     return out
 
 
-def llama_quantize(source: Path, out: Path, outtype: str) -> Path:
-    proc = subprocess.run([str(find_tool("llama-quantize")), str(source), str(out), outtype.upper()],
+def llama_quantize(source: Path, out: Path, outtype: str, *options: str) -> Path:
+    proc = subprocess.run([str(find_tool("llama-quantize")), *options, str(source), str(out), outtype.upper()],
                           capture_output=True, text=True, errors="replace")
     assert proc.returncode == 0, f"llama-quantize failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
     return out

@@ -31,8 +31,23 @@ ARCHS = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(tie_word_embeddings=False, num_key_value_heads=4,
                                                    original_max_position_embeddings=256)),
 }
-# GGUF architecture each HF family lands on (Mistral is llama in GGUF).
-GGUF_ARCH = {"mistral": "llama"}
+# Mixture-of-experts families (4 experts, top-2), kept apart from ARCHS: their parity suite is tests/test_moe.py.
+# gpt-oss: default RoPE instead of its YaRN (llama.cpp ignores YaRN's truncate=False, a base-model difference
+# of ~1e-2 in log-probability that has nothing to do with adapters); hidden = expert ffn, as in gpt-oss-20b.
+MOE = {
+    "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        tie_word_embeddings=False, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        norm_topk_prob=True)),
+    "gpt-oss": ("GptOssConfig", "GptOssForCausalLM", dict(
+        tie_word_embeddings=False, head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=64,
+        sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 150000.0})),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        tie_word_embeddings=False, num_local_experts=4, num_experts_per_tok=2, intermediate_size=96,
+        sliding_window=None)),
+}
+# GGUF architecture each HF family lands on (Mistral and Mixtral are llama in GGUF).
+GGUF_ARCH = {"mistral": "llama", "mixtral": "llama"}
 TIED = {"gemma", "gemma2", "gemma3"}
 
 
@@ -75,7 +90,7 @@ def make_base(arch: str, folder: Path, seed: int = 0, **overrides) -> torch.nn.M
     """Save a tiny random `arch` model (float32 safetensors + tokenizer.model) to folder; return it."""
     import transformers
 
-    config_cls, model_cls, extra = ARCHS[arch]
+    config_cls, model_cls, extra = {**ARCHS, **MOE}[arch]
     config = getattr(transformers, config_cls)(**{**COMMON, **extra, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).float().eval()
