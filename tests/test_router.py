@@ -193,6 +193,12 @@ def answer(doc: dict) -> tuple:
                                                                 for s in doc["completion_probabilities"]]
 
 
+# Concurrent requests share llama.cpp's batches and KV cache cells with other sequences, which changes the
+# summation order of attention (measured up to 5.9e-4 in log-probability under load, same tokens); one request
+# at a time stays within 1e-4 of the solo answer. A stale or wrong adapter moves them by far more (the controls).
+BATCH_TOL = 5e-3
+
+
 def same(got: tuple, ref: tuple, tol: float = 1e-4) -> bool:
     """The same greedy tokens, log-probabilities equal up to summation order (batch layout, warm cache)."""
     return got[0] == ref[0] and all(abs(a - b) <= tol for x, y in zip(got[1], ref[1]) for a, b in zip(x, y))
@@ -220,7 +226,7 @@ def test_stale_cache_trap_is_closed(router, solo):
     random.Random(1).shuffle(jobs)
     with ThreadPoolExecutor(6) as pool:
         results = list(pool.map(lambda n: (n, via_router(router, n)[0]), jobs))
-    assert [n for n, got in results if not same(got, solo[n])] == []
+    assert [n for n, got in results if not same(got, solo[n], BATCH_TOL)] == []
 
     # the control: the same sequence sent straight to llama-server, the second adapter chosen the way a
     # client of the global switch does (no `lora`), reuses the first adapter's KV and answers wrongly
@@ -233,10 +239,10 @@ def test_stale_cache_trap_is_closed(router, solo):
                   timeout=10).raise_for_status()
     try:
         stale = answer(direct({}))
-        assert not same(stale, solo["poem"]) and not same(stale, solo["sql"])
+        assert not same(stale, solo["poem"], BATCH_TOL) and not same(stale, solo["sql"], BATCH_TOL)
         # worse: the slot now believes its (sql) KV is poem's, so even an explicit poem list reuses it. This is
         # why llama-server sits on a private port with its own key: every request must come through the router.
-        assert not same(answer(direct({"lora": [{"id": ids["poem"], "scale": 1.0}]})), solo["poem"])
+        assert not same(answer(direct({"lora": [{"id": ids["poem"], "scale": 1.0}]})), solo["poem"], BATCH_TOL)
     finally:
         requests.post(b.url + "/lora-adapters", headers=b.headers, json=[], timeout=10).raise_for_status()
         direct({"lora": [{"id": ids["sql"], "scale": 1.0}]})  # another list clears slot 0's poisoned cache
