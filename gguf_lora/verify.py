@@ -11,14 +11,19 @@ Three sets of figures, on the same token positions:
 - floor: the bare base GGUF vs the bare HF base (what the GGUF pipeline costs with no adapter at all);
 - effect: transformers + peft vs the bare HF base (how far the adapter moves the model).
 
-The verdict compares the error with the floor and with the effect. "matches": the error is within twice
-the floor plus 2% of the effect (the adapter's own storage precision: f16 rounds it by ~0.1%). Otherwise
-the error is tested against the ways conversions go wrong, each simulated in PyTorch: the adapter at
-another strength (a scale factor, fitted), and adapter modules switched off (dropped targets). A
-hypothesis that halves the error names the cause, and the file is "wrong". An error that no hypothesis
-explains is "quantization noise" when the file holds lower-precision tensors than the path the floor
-measured and the error stays below half the adapter's effect; else it is "wrong" too: an error of the
-order of the adapter's effect means the file does not carry the adapter, whatever the reason.
+The verdict compares the error (mean |Δ log-prob|) with the floor and with the effect:
+- "matches": within twice the floor plus 0.5% of the effect (what the file's own precision costs: an f16
+  LoRA rounds the update by ~0.03% of the effect, measured) — the GGUF is as faithful as the base itself;
+- otherwise the ways conversions go wrong are simulated in PyTorch, each on the file's own greedy path:
+  the adapter at another strength (a scale error; the factor is fitted) and adapter modules switched off
+  (dropped targets; ranked by the gradient of the error with respect to each module's scale). One that at
+  least halves the error names the cause, and the file is "wrong";
+- an error no hypothesis explains is "quantization noise" when the file is of lower precision and the
+  error is within the floor at that precision: for a merged file, the floor of the same base quantized to
+  the file's type (measured: quantized by llama-quantize, run, compared with the HF base); for a LoRA file
+  in f16 / bf16 / q8_0, 5% of the effect. Anything else is "wrong".
+A bug smaller than the quantization noise cannot be told from it; a warning says when the adapter's
+effect is within the floor (a file that dropped the adapter would then pass as well).
 
 llama-server runs with an f32 KV cache and flash attention off, so that the floor measures the weights,
 not the cache (its defaults add ~5e-3 in log-probability of their own).
@@ -422,7 +427,8 @@ def _generate(client, prompt: list[int], selection, tokens: int, n_probs: int) -
                  for j, e in zip(pos, entries)]
     except (TypeError, KeyError, ValueError):
         raise ServerError("llama-server's completion has no usable tokens and completion_probabilities",
-                          f"got {str(doc)[:120]}", "check the llama-server version (the pinned build is tested)")
+                          f"got {str(doc)[:120]}", "check the llama-server version (the pinned build is tested)"
+                          ) from None
     if not generated:
         raise ServerError("llama-server generated no token", "the context may be full", "use shorter prompts")
     return generated, steps
@@ -703,7 +709,7 @@ def _verdict(report: FileReport, diag: _Diagnosis, adapter: PeftAdapter, modules
     pct = f"{100 * report.ratio_effect:.2g}% of the adapter's effect"
     if within(floor):
         report.verdict = "matches"
-        report.cause = (f"error {report.ratio_floor:.2g}x the floor, {pct}: within what the base GGUF and the "
+        report.cause = (f"error {_times(report.ratio_floor)} the floor and {pct}: what the base GGUF and the "
                         "file's own precision explain")
         return
     c, e_scale = diag.scale(adapter)
@@ -726,19 +732,20 @@ def _verdict(report: FileReport, diag: _Diagnosis, adapter: PeftAdapter, modules
         q = qfloor.mean_dlogprob
         if within(q):
             report.verdict = "quantization noise"
-            report.cause = (f"error {e / q:.2g}x the floor of {report.precision_floor_of} ({q:.2g}), {pct}; "
-                            f"{unexplained}")
+            report.cause = (f"error {_times(e / q)} the floor of {report.precision_floor_of} ({q:.2g}), "
+                            f"{pct}; {unexplained}")
         else:
             report.verdict = "wrong"
-            report.cause = (f"error {e / q:.2g}x the floor of {report.precision_floor_of} ({q:.2g}), {pct}, "
-                            f"and {unexplained}: a wrong tensor layout or another base")
+            report.cause = (f"error {_times(e / q)} the floor of {report.precision_floor_of} ({q:.2g}), "
+                            f"{pct}, and {unexplained}: a wrong tensor layout or another base")
         return
     if report.lossy and e <= MATCH_FLOOR * floor + LORA_NOISE * d + MATCH_ABS:
         report.verdict = "quantization noise"
-        report.cause = f"error {report.ratio_floor:.2g}x the floor, {pct} (the file's own rounding); {unexplained}"
+        report.cause = (f"error {_times(report.ratio_floor)} the floor, {pct} (the file's own rounding); "
+                        f"{unexplained}")
         return
     report.verdict = "wrong"
-    report.cause = (f"error {report.ratio_floor:.2g}x the floor, {pct}, and {unexplained}: a wrong tensor layout, "
+    report.cause = (f"error {_times(report.ratio_floor)} the floor, {pct}, and {unexplained}: a wrong tensor layout, "
                     "another base" + (", or rounding too coarse for this adapter" if report.lossy else ""))
 
 
@@ -770,17 +777,18 @@ def _outtype_of(path: Path) -> str | None:
 
 
 class _Servers:
-    """Starts llama-server for one model at a time with verify's exact settings."""
+    """Starts llama-server for one model at a time with verify's exact settings. Each keeps its log in a
+    temporary folder of its own, left in place when it fails to start (the error names it)."""
 
-    def __init__(self, tmp: Path, binary, args: list[str]):
-        self.tmp, self.binary, self.args = tmp, binary, args
+    def __init__(self, binary, args: list[str]):
+        self.binary, self.args = binary, args
 
     @contextmanager
     def run(self, model: Path, loras: list[Path] = ()):
         from .runtime.llama_server import ManagedServer
 
         server = ManagedServer(model, list(loras), llama_server=self.binary, extra_args=self.args,
-                               log=self.tmp / f"{model.stem}.log", ready_timeout=600.0)
+                               ready_timeout=600.0)
         try:
             yield server.start()
         finally:
@@ -832,7 +840,7 @@ def verify(adapter: str | Path, base: str | Path, files: list[str | Path] = (), 
             from .convert import convert
 
             say(f"converting {peft.path.name} for {base.name}")
-            out = convert(peft.path, base, tmp / f"{peft.path.name}.gguf", outtype="f16")
+            out = convert(peft.path, base, tmp / f"{peft.path.name}-f16.gguf", outtype="f16")
             checked.append((Path(out.output), "converted"))
 
         say(f"loading {hf_dir} + {peft.path.name} in transformers + peft")
@@ -842,7 +850,7 @@ def verify(adapter: str | Path, base: str | Path, files: list[str | Path] = (), 
         n_probs = n_probs or (vocab if vocab <= MAX_PROBS else MAX_PROBS)
         longest = max(len(p.ids) for p in rendered)
         ctx = max(512, -(-(longest + tokens + 16) // 256) * 256)
-        servers = _Servers(tmp, llama_server, EXACT_ARGS + ["-c", str(ctx)] + list(server_args))
+        servers = _Servers(llama_server, EXACT_ARGS + ["-c", str(ctx)] + list(server_args))
         hf_template = ref.tokenizer.chat_template if isinstance(ref.tokenizer.chat_template, str) else None
 
         def run(client, selection) -> list[Trace]:
@@ -925,7 +933,7 @@ def verify(adapter: str | Path, base: str | Path, files: list[str | Path] = (), 
             for t in _gguf_info(f)[0].values():
                 counts[t] = counts.get(t, 0) + 1
             qf = qfloor_figures.get(_outtype_of(f)) if kind == "merged" and lossy[i] else None
-            report = FileReport(str(f), kind, "", "", error, effect, floor,
+            report = FileReport(str(peft.path if kind == "converted" else f), kind, "", "", error, effect, floor,
                                 _ratio(error.mean_dlogprob, floor.mean_dlogprob),
                                 _ratio(error.mean_dlogprob, effect.mean_dlogprob), counts, lossy[i],
                                 precision_floor=qf[0] if qf else None, precision_floor_of=qf[1] if qf else "",
@@ -970,39 +978,51 @@ def _quantize(base: Path, out: Path, outtype: str, llama_server) -> Path:
     return Path(quantize(base, out, outtype).output)
 
 
+def _times(x: float) -> str:
+    return f"{x:.0f}x" if x >= 100 else f"{x:.2g}x"
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else (0.0 if a == 0 else math.inf)
 
 
 def render_report(report: VerifyReport) -> str:
     """The report as the CLI prints it: one table row per file, its effect and floor, the cause, warnings."""
-    def row(label: str, fig: Figures | None, verdict: str = "") -> str:
-        if fig is None:
-            return f"{label:<30} {'-':>9} {'-':>9} {'-':>9} {'-':>9}   {verdict}"
-        return (f"{label:<30} {fig.max_dlogprob:>9.2g} {fig.mean_dlogprob:>9.2g} {fig.kl:>9.2g} "
-                f"{f'{fig.greedy_agree}/{fig.steps}':>9}   {verdict}").rstrip()
+    rows: list[tuple[str, Figures | None, str] | str] = [(f"floor: {Path(report.base).name}", report.floor, "")]
+    for f in report.files:
+        name = f"{Path(report.adapter).name} (converted, f16)" if f.kind == "converted" else Path(f.path).name
+        rows.append((name, f.error, f.verdict))
+        if f.effect is not None:
+            rows.append(("  adapter's effect", f.effect, ""))
+        if f.precision_floor is not None:
+            rows.append((f"  floor at {f.precision_floor_of.rsplit(' ', 1)[-1]}", f.precision_floor, ""))
+        rows.append(f"  {f.cause}")
+        if f.template is not None and f.template != report.template and not f.template.ok:
+            rows.append(f"  chat template: {f.template.note()}")
+    width = max(len(r[0]) for r in rows if isinstance(r, tuple)) + 2
+
+    def line(label: str, cells: list[str], verdict: str) -> str:
+        return (f"{label:<{width}}" + "".join(f"{c:>9}" for c in cells) + f"   {verdict}").rstrip()
 
     kl = (f"KL over the whole vocabulary ({report.vocab})" if report.kl_exact else
           f"KL over the top {report.n_probs} of {report.vocab} tokens + the rest (a lower bound)")
-    lines = [f"{report.adapter} in transformers + peft ({report.dtype}, {report.hf_base}) vs llama-server "
-             f"(base {Path(report.base).name})",
-             f"{report.prompts} {'chat ' if report.chat else ''}prompts x {report.tokens} greedy tokens; |Δ log-prob| "
-             f"over each step's top {report.top_k}; {kl}",
-             f"chat template: {report.template.note()}", "",
-             f"{'':<30} {'max|Δ|':>9} {'mean|Δ|':>9} {'KL':>9} {'greedy':>9}   verdict",
-             row(f"floor: {Path(report.base).name}", report.floor)]
-    for f in report.files:
-        name = (f"{Path(report.adapter).name} (converted)" if f.kind == "converted" else Path(f.path).name)
-        lines.append(row(name, f.error, f.verdict))
-        if f.effect is not None:
-            lines.append(row("  adapter's effect", f.effect))
-        if f.precision_floor is not None:
-            lines.append(row(f"  floor at {f.precision_floor_of.rsplit(' ', 1)[-1]}", f.precision_floor))
-        lines.append(f"  {f.cause}")
-        if f.template is not None and f.template != report.template and not f.template.ok:
-            lines.append(f"  chat template: {f.template.note()}")
-    lines += [f"warning: {w}" for w in report.warnings]
+    out = [f"{report.adapter} in transformers + peft ({report.dtype}, {report.hf_base}) vs llama-server "
+           f"(base {Path(report.base).name})",
+           f"{report.prompts} {'chat ' if report.chat else ''}prompts x {report.tokens} greedy tokens; |Δ log-prob| "
+           f"over each step's top {report.top_k}; {kl}",
+           f"chat template: {report.template.note()}", "",
+           line("", ["max|Δ|", "mean|Δ|", "KL", "greedy"], "verdict")]
+    for r in rows:
+        if isinstance(r, str):
+            out.append(r)
+        elif r[1] is None:
+            out.append(line(r[0], ["-"] * 4, r[2]))
+        else:
+            fig = r[1]
+            out.append(line(r[0], [f"{fig.max_dlogprob:.2g}", f"{fig.mean_dlogprob:.2g}", f"{fig.kl:.2g}",
+                                   f"{fig.greedy_agree}/{fig.steps}"], r[2]))
+    out += [f"warning: {w}" for w in report.warnings]
     counts = {v: sum(f.verdict == v for f in report.files) for v in ("matches", "quantization noise", "wrong")}
-    lines.append(f"{counts['matches']} of {len(report.files)} files match" +
-                 "".join(f", {n} {v}" for v, n in counts.items() if n and v != "matches"))
-    return "\n".join(lines)
+    out.append(f"{counts['matches']} of {len(report.files)} files match" +
+               "".join(f", {n} {v}" for v, n in counts.items() if n and v != "matches"))
+    return "\n".join(out)

@@ -62,7 +62,9 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [str(find_tool("llama-server")), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port),
                "-c", "512", "-np", "1", "-t", "2", "--no-webui",
-               "--cache-type-k", "f32", "--cache-type-v", "f32", "--flash-attn", "off", *extra]
+               "--cache-type-k", "f32", "--cache-type-v", "f32", "--flash-attn", "off",
+               # the AMX repacked kernels of a native build die of SIGILL on some Xeons (llama.cpp PR #26954)
+               "--no-repack", *extra]
         for lora in loras:
             cmd += ["--lora", str(lora)]
         self.log = log

@@ -85,11 +85,20 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def report(world):
-    names = ["ok", "doubled", "dropped", "q4_k_m", "q4_k_m_doubled"]
+def report(world, llama_base, tmp_path_factory):
+    # a LoRA for another model (hidden 64): llama-server refuses it; the other files are still checked
+    other = tiny.make_adapter(llama_base[0], tmp_path_factory.mktemp("other") / "other", r=4)
+    world["files"]["other_model"] = convert(other, llama_base[1], other.parent / "other.gguf").output
+    names = ["ok", "doubled", "other_model", "dropped", "q4_k_m", "q4_k_m_doubled"]
     rep = verify(world["adapter"], world["base"], [world["files"][n] for n in names], prompts=PROMPTS,
                  tokens=TOKENS)
     return rep, dict(zip(names, rep.files))
+
+
+def test_a_file_llama_server_refuses_is_wrong(report):
+    other = report[1]["other_model"]
+    assert other.verdict == "wrong" and other.error is None
+    assert other.cause.startswith("llama-server refused it")
 
 
 def test_correct_file_matches_and_the_floor_is_the_base(report):
@@ -186,7 +195,7 @@ def test_cli_converts_the_adapter_when_no_file_is_given(world, tmp_path):
 
 def test_missing_torch_stack_is_one_clear_error(world, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError
-    with pytest.raises(MissingDependencyError, match=r"Verify needs peft, which is not installed.*pip install 'gguf-lora\[verify\]'"):
+    with pytest.raises(MissingDependencyError, match=r"needs peft, which is not installed.*'gguf-lora\[verify\]'"):
         verify(world["adapter"], world["base"])
     result = runner.invoke(app, ["verify", str(world["adapter"]), "--base", str(world["base"])])
     assert result.exit_code == 1 and result.stdout == ""
