@@ -189,7 +189,7 @@ def test_cli_converts_the_adapter_when_no_file_is_given(world, tmp_path):
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[1].startswith("2 chat prompts x 8 greedy tokens")
-    assert any(line.startswith("sql (converted)") and line.endswith("matches") for line in lines)
+    assert any(line.startswith("sql (converted, f16)") and line.endswith("matches") for line in lines)
     assert lines[-1] == "1 of 1 files match"
 
 
