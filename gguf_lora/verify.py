@@ -21,7 +21,7 @@ The verdict compares the error (mean |Δ log-prob|) with the floor and with the 
 - an error no hypothesis explains is "quantization noise" when the file is of lower precision and the
   error is within the floor at that precision: for a merged file, the floor of the same base quantized to
   the file's type (measured: quantized by llama-quantize, run, compared with the HF base); for a LoRA file
-  in f16 / bf16 / q8_0, 5% of the effect. Anything else is "wrong".
+  in f16 / bf16 / q8_0 (or a merge whose type is not recorded), 5% of the effect. Anything else is "wrong".
 A bug smaller than the quantization noise cannot be told from it; a warning says when the adapter's
 effect is within the floor (a file that dropped the adapter would then pass as well).
 
@@ -886,6 +886,7 @@ def verify(adapter: str | Path, base: str | Path, files: list[str | Path] = (), 
                                                  f"llama-server refused it: {e.why}")
                 pending.remove(refused)
 
+        notes: list[str] = []
         qfloors: dict[str, tuple[list[Trace], str]] = {}  # output type -> run of the base quantized so
         lossy: dict[int, bool] = {}
         for i, (f, kind) in enumerate(checked):
@@ -908,10 +909,13 @@ def verify(adapter: str | Path, base: str | Path, files: list[str | Path] = (), 
             if lossy[i] and outtype and outtype not in qfloors:
                 # The floor at the file's precision: the bare base quantized the same way, vs the bare HF base.
                 say(f"quantizing {base.name} to {outtype} (the floor at {f.name}'s precision)")
-                quantized = _quantize(base, tmp / f"floor-{outtype}.gguf", outtype, llama_server)
-                with servers.run(quantized) as client:
-                    qfloors[outtype] = (run(client, {}), f"{base.name} quantized to {outtype}")
-                quantized.unlink()
+                try:
+                    quantized = _quantize(base, tmp / f"floor-{outtype}.gguf", outtype, llama_server)
+                    with servers.run(quantized) as client:
+                        qfloors[outtype] = (run(client, {}), f"{base.name} quantized to {outtype}")
+                    quantized.unlink()
+                except GgufLoraError as e:  # judged without it (see _verdict), and said so
+                    notes.append(f"no floor at {outtype} precision: {e}")
 
         say("comparing with transformers + peft")
         bare_of = lambda traces: [ref.logprobs(t.prompt, t.generated, "base") for t in traces]  # noqa: E731
@@ -942,18 +946,17 @@ def verify(adapter: str | Path, base: str | Path, files: list[str | Path] = (), 
             _verdict(report, _Diagnosis(ref, traces, top_k), peft, modules)
             reports[i] = report
 
-    warnings = []
     if not base_check.ok and base_check.hf_has:
-        warnings.append("chat template: " + base_check.note())
+        notes.append("chat template: " + base_check.note())
     if any(r.effect and r.effect.mean_dlogprob <= MATCH_FLOOR * floor.mean_dlogprob for r in reports.values()):
-        warnings.append("the adapter barely moves the base (its effect is within the floor): a file that drops it "
+        notes.append("the adapter barely moves the base (its effect is within the floor): a file that drops it "
                         "would pass too")
     if n_probs < vocab:
-        warnings.append(f"KL over the top {n_probs} of {vocab} tokens plus the rest as one bucket: a lower bound "
+        notes.append(f"KL over the top {n_probs} of {vocab} tokens plus the rest as one bucket: a lower bound "
                         f"(those tokens hold {100 * mass:.3g}% of the mass on average)")
     return VerifyReport(str(peft.path), str(hf_dir), str(base), ref.dtype, len(rendered), tokens, top_k, n_probs,
                         vocab, n_probs >= vocab, any(p.messages for p in rendered), floor, base_check,
-                        [reports[i] for i in range(len(checked))], warnings)
+                        [reports[i] for i in range(len(checked))], notes)
 
 
 def _quantize(base: Path, out: Path, outtype: str, llama_server) -> Path:
