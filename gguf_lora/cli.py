@@ -142,6 +142,42 @@ def inspect(
         raise typer.Exit(1)
 
 
+@app.command()
+def verify(
+    adapter: Path = typer.Argument(..., help="PEFT adapter folder: the reference, run by transformers + peft."),
+    files: Optional[list[Path]] = typer.Argument(None, help="GGUF LoRA files (run on --base) and merged GGUFs to "
+                                                            "check (default: convert the adapter and check that)."),
+    base: Path = typer.Option(..., "--base", "-b", help="Base model GGUF (LoRA files run on it; the floor)."),
+    hf_base: Optional[Path] = typer.Option(None, "--hf-base", help="Hugging Face base folder (default: the "
+                                           "adapter's base_model_name_or_path when it is a local folder)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text file (one user message per line) or "
+                                           ".jsonl ({\"messages\": [...]} or {\"prompt\": TEXT}); default: 4 chat "
+                                           "prompts."),
+    tokens: int = typer.Option(32, "--tokens", "-n", help="Greedy tokens per prompt."),
+    top_k: int = typer.Option(10, "--top-k", help="|Δ log-prob| over each step's top-k tokens."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, or auto (the checkpoint's own dtype)."),
+    llama_server: Optional[Path] = typer.Option(None, "--llama-server", help="llama-server binary (default: the "
+                                                "pinned build, $GGUF_LORA_LLAMA_CPP_BIN, PATH)."),
+    server_args: str = typer.Option("", "--server-args", help="Extra llama-server arguments, e.g. '-t 8'."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Check that GGUF files answer like transformers + peft with the adapter; exit 1 unless all match."""
+    import shlex
+
+    from .verify import render_report, verify as do_verify
+
+    say = None if as_json else (lambda msg: typer.echo(f"verify: {msg}", err=True))
+    try:
+        report = do_verify(adapter, base, files or [], hf_base=hf_base, prompts=prompts, tokens=tokens, top_k=top_k,
+                           dtype=dtype, llama_server=llama_server, server_args=shlex.split(server_args),
+                           progress=say)
+    except GgufLoraError as e:
+        _fail(e)
+    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else render_report(report))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 DEFAULT_URL = "http://127.0.0.1:8080"
 
 

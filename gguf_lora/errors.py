@@ -51,3 +51,7 @@ class ServerError(GgufLoraError):
 
 class ServerUnreachable(ServerError):
     """Nothing listens at the address (connection refused): not started yet, stopped, or the wrong URL."""
+
+
+class MissingDependencyError(GgufLoraError):
+    """An optional dependency a command needs is not installed (e.g. torch for verify)."""

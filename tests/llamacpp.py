@@ -77,10 +77,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [str(find_tool("llama-server")), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port),
                "-c", "512", "-np", "1", "-t", "2", "--no-webui",
-               "--cache-type-k", "f32", "--cache-type-v", "f32", "--flash-attn", "off",
-               # no repacked (extra) buffers: on CPUs that advertise AMX where the VM does not enable its tile
-               # state, the AMX kernels of a -march=native build die with SIGILL on quantized weights
-               "--no-repack", *extra]
+               "--cache-type-k", "f32", "--cache-type-v", "f32", "--flash-attn", "off", *extra]
         for lora in loras:
             cmd += ["--lora", str(lora)]
         self.log = log

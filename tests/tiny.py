@@ -75,10 +75,10 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['con
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
-def make_chat_base(arch: str, folder: Path, seed: int = 0) -> torch.nn.Module:
+def make_chat_base(arch: str, folder: Path, seed: int = 0, **overrides) -> torch.nn.Module:
     """A tiny model that takes any text: byte-fallback tokenizer (vocab 384) and a ChatML chat template."""
     vocab = 384
-    model = make_base(arch, folder, seed, vocab_size=vocab)
+    model = make_base(arch, folder, seed, vocab_size=vocab, **overrides)
     (folder / "tokenizer.model").write_bytes(sentencepiece_model(vocab, chat=True))
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "add_bos_token": True, "add_eos_token": False, "tokenizer_class": "LlamaTokenizer", "chat_template": CHATML,
