@@ -547,3 +547,56 @@ def q8_0_rows(x, out):
             elif frac <= -half:
                 t = f32(t - f32(1))
             y[2 + j] = np.int32(t) & 0xFF
+
+
+@jit
+def dq_q4_k_rows(b, y, f16):
+    """Q4_K blocks b (blocks, 144) -> y (blocks, 256) float32, as gguf-py's dequantize computes them
+    (d·sc·q - dmin·m per sub-block, each product rounded to float32)."""
+    for i in range(b.shape[0]):
+        blk = b[i]
+        d = f16[blk[0] | (blk[1] << 8)]
+        dmin = f16[blk[2] | (blk[3] << 8)]
+        sc = blk[4:16]
+        q = blk[16:144]
+        out = y[i]
+        for j in range(8):
+            if j < 4:
+                s6 = sc[j] & 63
+                m6 = sc[j + 4] & 63
+            else:
+                s6 = (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4)
+                m6 = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)
+            dj = f32(d * f32(s6))
+            mj = f32(dmin * f32(m6))
+            shift = 4 * (j % 2)
+            for l in range(32):
+                out[32 * j + l] = f32(f32(dj * f32((q[32 * (j // 2) + l] >> shift) & 0xF)) - mj)
+
+
+@jit
+def dq_q6_k_rows(b, y, f16):
+    """Q6_K blocks b (blocks, 210) -> y (blocks, 256) float32, as gguf-py's dequantize computes them."""
+    for i in range(b.shape[0]):
+        blk = b[i]
+        d = f16[blk[208] | (blk[209] << 8)]
+        out = y[i]
+        for e in range(256):
+            h = e // 128
+            r = e % 128
+            lo = (blk[64 * h + r % 64] >> (4 * (r // 64))) & 0xF
+            hi = (blk[128 + 32 * h + r % 32] >> (2 * (r // 32))) & 3
+            s = np.int32(blk[192 + e // 16])
+            s = s - 256 if s > 127 else s
+            out[e] = f32(f32(d * f32(s)) * f32((lo | (hi << 4)) - 32))
+
+
+@jit
+def dq_q8_0_rows(b, y, f16):
+    """Q8_0 blocks b (blocks, 34) -> y (blocks, 32) float32: d · q."""
+    for i in range(b.shape[0]):
+        blk = b[i]
+        d = f16[blk[0] | (blk[1] << 8)]
+        for j in range(32):
+            q = np.int32(blk[2 + j])
+            y[i, j] = f32(d * f32(q - 256 if q > 127 else q))

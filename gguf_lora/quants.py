@@ -445,10 +445,21 @@ def encode(arr: np.ndarray, qtype: Q) -> np.ndarray:
 
 
 def decode(data: np.ndarray, qtype: Q) -> np.ndarray:
-    return gguf.quants.dequantize(data, qtype).astype(np.float32, copy=False)
+    """A tensor's bytes (or some of its rows) -> float32 values, as gguf-py's dequantize gives them; the
+    common quantized types of a base through the compiled kernels (same floats, without numpy's temporaries)."""
+    kernel = _DECODE_KERNELS.get(qtype)
+    jit = _jit() if kernel else None
+    if jit is None or data.dtype != np.uint8:
+        return gguf.quants.dequantize(data, qtype).astype(np.float32, copy=False)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rows = np.ascontiguousarray(data)
+    out = np.empty((*rows.shape[:-1], rows.shape[-1] // size * block), np.float32)
+    getattr(jit, kernel)(rows.reshape(-1, size), out.reshape(-1, block), jit.F16_TO_F32)
+    return out
 
 
 _K_QUANTS = {Q.Q2_K: quantize_q2_k, Q.Q3_K: quantize_q3_k, Q.Q4_K: quantize_q4_k, Q.Q5_K: quantize_q5_k,
              Q.Q6_K: quantize_q6_k}
+_DECODE_KERNELS = {Q.Q4_K: "dq_q4_k_rows", Q.Q6_K: "dq_q6_k_rows", Q.Q8_0: "dq_q8_0_rows"}
 _JIT_KERNELS = {Q.Q8_0: "q8_0_rows", Q.Q4_K: "q4_k_rows", Q.Q5_K: "q5_k_rows", Q.Q6_K: "q6_k_rows"}
 WRITABLE = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, *_K_QUANTS})
