@@ -1,10 +1,11 @@
 """Encoding float32 tensors into GGUF types, byte for byte as llama.cpp's reference kernels
 (ggml/src/ggml-quants.c, quantize_row_*_ref) write them.
 
-F32/F16/BF16 and the 32-block types come from gguf-py (bit-exact ports of the reference kernels); Q6_K,
-which llama-quantize uses for the output tensor of every legacy-type model, is written here, vectorised
-over all blocks of a tensor. ggml-base is compiled without FMA contraction or fast-math, so evaluating
-each float32 operation in the reference's order reproduces its bytes.
+F32/F16/BF16 and the 32-block types come from gguf-py (bit-exact ports of the reference kernels); Q8_0 and
+the K-quants are written here twice: compiled whole with numba (kquant_jit.py, used when numba imports)
+and vectorised with numpy over all blocks of a tensor (the fallback). ggml-base is compiled without FMA
+contraction or fast-math, so evaluating each float32 operation in the reference's order reproduces its
+bytes; the tests compare both versions with llama-quantize.
 """
 from __future__ import annotations
 
