@@ -10,7 +10,7 @@ bench_convert.py (hidden 2048, 16 layers, vocab 32000), or with --shape 8b Llama
   and quantize alone: gguf-lora quantize BASE TYPE vs llama-quantize BASE TYPE (outputs must be byte-identical)
 With --base-type q4_k_m the base is first quantized by llama-quantize (the Ollama-store case) and ours merges
 with --outtype same, theirs is export-lora then llama-quantize --allow-requantize.
-Prints the median seconds, peak RSS (the child's ru_maxrss from os.wait4), the ratios ours/theirs against
+Prints the median seconds, peak RSS (the child's VmHWM, polled from /proc), the ratios ours/theirs against
 the goals of issue 13 and seconds per GB of output. The merged outputs must hold the same tensor names and
 types (exit non-zero if not); their data differ (llama.cpp merges into F16 and rounds twice), which is
 reported, not failed. bench_speed.py runs every configuration in one go and prints the issue's table.
@@ -23,7 +23,9 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,7 @@ from gguf.quants import dequantize
 from safetensors.numpy import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_convert import CONFIG, GGUF_LORA, ROOT, machine_facts, machine_line, run  # noqa: E402
+from bench_convert import CONFIG, GGUF_LORA, ROOT, machine_facts, machine_line  # noqa: E402
 
 from gguf_lora.llama_cpp import find_source_file, find_tool  # noqa: E402
 
@@ -45,6 +47,32 @@ CONFIG_8B = {**CONFIG, "hidden_size": 4096, "intermediate_size": 14336, "num_hid
 GOALS = {"q8_0": (0.30, None), "q4_k_m": (0.60, 1.0), "q5_k_m": (0.60, 1.0), "q4_0": (0.30, None),
          "same": (0.60, None)}
 RSS_GOAL_MIB = 1536  # 1.5 GiB, the 8B-shape goal
+
+
+def run(cmd: list[str], log: Path, poll: float = 0.02) -> tuple[float, float]:
+    """Wall-clock seconds and peak RSS (MiB) of one child process; exits loudly if it fails.
+
+    The peak is the child's own VmHWM, polled from /proc while it runs. Its ru_maxrss (os.wait4,
+    RUSAGE_CHILDREN) is no good here: Linux carries the high-water mark of the memory image a child was
+    forked from across exec, so every child would report at least this process's own peak (2.6 GB once it
+    has compared two models)."""
+    with open(log, "wb") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        status, peak_kib = Path(f"/proc/{proc.pid}/status"), 0
+        while proc.poll() is None:
+            try:
+                for line in status.read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak_kib = max(peak_kib, int(line.split()[1]))
+            except (OSError, ValueError):
+                pass
+            time.sleep(poll)
+        elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"FAILED ({proc.returncode}): {' '.join(cmd)}\n--- output tail ---\n"
+                 f"{log.read_text(errors='replace')[-3000:]}")
+    return elapsed, peak_kib / 1024
 
 
 def config_for(shape: str, layers: int | None = None) -> dict:
