@@ -23,10 +23,9 @@ demo: setup
 test *args: setup llama-cpp
     {{py}} -m pytest {{args}}
 
-# Time gguf-lora against llama.cpp's own tools on a synthetic ~1B model (not a test).
+# Time gguf-lora against llama.cpp's own tools on synthetic ~1B and 8B-shaped models (not a test).
 bench: setup llama-cpp
     {{py}} bench/bench_convert.py
-    {{py}} bench/bench_merge.py --outtype q8_0
-    {{py}} bench/bench_merge.py --outtype q4_k_m
+    {{py}} bench/bench_speed.py
     {{py}} bench/bench_switch.py
     {{py}} bench/bench_chat.py

@@ -26,7 +26,9 @@ from safetensors.numpy import save_file
 from gguf_lora.llama_cpp import find_source_file
 
 ROOT = Path(__file__).resolve().parent.parent
-GGUF_LORA = ROOT / ".venv" / "bin" / "gguf-lora"
+# the console script beside the running interpreter (the venv's), else the repository's .venv
+GGUF_LORA = next((p for p in (Path(sys.executable).parent / "gguf-lora", ROOT / ".venv" / "bin" / "gguf-lora")
+                  if p.exists()), ROOT / ".venv" / "bin" / "gguf-lora")
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
           "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
           "num_key_value_heads": 8, "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,

@@ -4,14 +4,18 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 
 from .errors import GgufLoraError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# Plain (click) help and usage errors: typer's rich rendering imports rich and markdown-it and doubles the
+# start-up of `--help` (issue 13: commands that touch no tensors start in <= 0.25 s).
+PLAIN = None
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=PLAIN,
                   help="Turn PEFT LoRA adapters into files llama.cpp and Ollama serve, exactly.")
 
 
@@ -22,21 +26,36 @@ def _fail(e: GgufLoraError) -> None:
     raise typer.Exit(1)
 
 
-def _progress(enabled: bool):
-    """A rich progress bar on stderr when it is a terminal, otherwise nothing."""
-    if not enabled or not sys.stderr.isatty():
+def _progress(enabled: bool, console=None):
+    """A rich progress bar on stderr when it is a terminal (or on the given rich console), otherwise nothing.
+    The library reports bytes of output written: the bar shows them with the throughput and the time left."""
+    if not enabled or (console is None and not sys.stderr.isatty()):
         return None, None
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn, TransferSpeedColumn)
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=Console(stderr=True), transient=True)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TextColumn("eta"), TimeRemainingColumn(), TextColumn("elapsed"), TimeElapsedColumn(),
+                   console=console or Console(stderr=True), transient=True)
     task = bar.add_task("working", total=None)
 
     def update(done: int, total: int, name: str) -> None:
         bar.update(task, completed=done, total=total, description=name)
 
     return bar, update
+
+
+@contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """gguf-lora spreads its work over its own threads; BLAS threads on top oversubscribe the cores and
+    spin (a merge ran 40% slower). The tensor commands limit BLAS to one thread; the library leaves it
+    alone. numpy is imported first: threadpoolctl only reaches libraries already loaded."""
+    import numpy  # noqa: F401
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 @app.command()
@@ -70,10 +89,11 @@ def convert(
 def _run_with_progress(as_json: bool, fn, *args):
     bar, update = _progress(not as_json)
     try:
-        if bar:
-            with bar:
-                return fn(*args, progress=update)
-        return fn(*args)
+        with _one_blas_thread():
+            if bar:
+                with bar:
+                    return fn(*args, progress=update)
+            return fn(*args)
     except GgufLoraError as e:
         _fail(e)
 
@@ -233,8 +253,8 @@ def serve(
     say("stopped")
 
 
-adapters_app = typer.Typer(no_args_is_help=True, help="List the adapters of a running server and set its global "
-                                                         "selection.")
+adapters_app = typer.Typer(no_args_is_help=True, rich_markup_mode=PLAIN,
+                           help="List the adapters of a running server and set its global selection.")
 app.add_typer(adapters_app, name="adapters")
 URL_OPTION = typer.Option(DEFAULT_URL, "--url", envvar="GGUF_LORA_URL",
                           help="The server to talk to (gguf-lora serve, or llama-server).")
@@ -282,7 +302,7 @@ def adapters_use(
         _fail(e)
 
 
-ollama_app = typer.Typer(no_args_is_help=True,
+ollama_app = typer.Typer(no_args_is_help=True, rich_markup_mode=PLAIN,
                          help="Deploy adapters to an Ollama server and prove that it applies them.")
 
 
@@ -314,8 +334,9 @@ def deploy(
 
     say = None if as_json else (lambda msg: typer.echo(msg, err=True))
     try:
-        result = do_deploy(adapter, base, name, client=Ollama(url), scale=scale, outtype=outtype, prompts=prompts,
-                           store=store, progress=say, merged=merge)
+        with _one_blas_thread():  # a merged deploy merges here
+            result = do_deploy(adapter, base, name, client=Ollama(url), scale=scale, outtype=outtype,
+                               prompts=prompts, store=store, progress=say, merged=merge)
     except AdapterIgnoredError as e:
         if as_json and e.result is not None:
             typer.echo(json.dumps({**e.result.to_dict(), "error": str(e)}, indent=2))
@@ -367,9 +388,4 @@ app.add_typer(ollama_app, name="ollama")
 
 
 def main() -> None:
-    # gguf-lora spreads its work over its own threads; BLAS threads on top oversubscribe the cores and
-    # spin (a merge ran 40% slower). The command limits BLAS to one thread; the library leaves it alone.
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1, user_api="blas"):
-        app()
+    app()

@@ -24,7 +24,7 @@ from .peft import load_adapter
 # the types an adapter file may use: typerules' table, restricted
 OUTTYPES = {name: typerules.OUTTYPES[name][1] for name in ("f32", "f16", "bf16", "q8_0")}
 
-Progress = Callable[[int, int, str], None]
+Progress = Callable[[int, int, str], None]  # (bytes of output written, of total, the tensor just written)
 
 
 @dataclass
@@ -87,8 +87,7 @@ def convert(adapter: str | Path, base: str | Path | None = None, output: str | P
         return encode(arrays.pop(i % 2), specs[i].qtype)
 
     with atomic_output(out) as tmp:
-        write_gguf(tmp, model.arch.name, metadata, specs, produce,
-                   (lambda i, n, name: progress((i + 1) // 2, len(planned), name)) if progress else None)
+        write_gguf(tmp, model.arch.name, metadata, specs, produce, progress)
     return ConvertResult(
         output=str(out), arch=model.arch.name, tensors=2 * len(planned),
         ranks=sorted({p.rank for p in planned}), alpha=alpha, bytes=out.stat().st_size, outtype=outtype,

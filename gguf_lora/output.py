@@ -9,12 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
-
-import gguf
-import numpy as np
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from .errors import OutputError
+
+if TYPE_CHECKING:  # imported where used: `gguf-lora modelfile` writes through this module without them
+    import gguf
+    import numpy as np
 
 
 def check_output(out: Path, force: bool, inputs: Iterable[Path]) -> Path:
@@ -80,7 +81,11 @@ def write_gguf(path: Path, arch: str, metadata: Callable[[gguf.GGUFWriter], None
                produce: Callable[[int], np.ndarray], progress: Callable[[int, int, str], None] | None = None) -> None:
     """Stream a GGUF: header and tensor table first, then one tensor at a time from produce(i), which
     returns that tensor's bytes (any array of the right size). The next tensor is produced while the
-    current one is written: peak memory is two tensors, not a model."""
+    current one is written: peak memory is two tensors, not a model. progress(done, total, name) follows
+    the bytes of the file written (a throughput and a time left can be derived from them)."""
+    import gguf
+    import numpy as np
+
     writer = gguf.GGUFWriter(path, arch, use_temp_file=False)
     try:
         metadata(writer)
@@ -93,16 +98,19 @@ def write_gguf(path: Path, arch: str, metadata: Callable[[gguf.GGUFWriter], None
         writer.fout[0].flush()
         align = writer.data_alignment
         padded = lambda n: -(-n // align) * align  # noqa: E731
-        expected = padded(writer.fout[0].tell()) + sum(padded(t.nbytes) for t in writer.tensors[0].values())
+        written = padded(writer.fout[0].tell())
+        expected = written + sum(padded(t.nbytes) for t in writer.tensors[0].values())
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gguf-lora-produce") as ahead:
             pending = ahead.submit(produce, 0) if specs else None
             for i, spec in enumerate(specs):
                 data = pending.result()  # tensor i; tensor i+1 is computed while this one is written
                 pending = ahead.submit(produce, i + 1) if i + 1 < len(specs) else None
-                writer.write_tensor_data(np.ascontiguousarray(data).view(np.uint8).reshape(-1))
+                data = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+                writer.write_tensor_data(data)
+                written += padded(data.nbytes)
                 del data
                 if progress:
-                    progress(i + 1, len(specs), spec.name)
+                    progress(written, expected, spec.name)
         writer.close()
         expect_size(path, expected)
     except BaseException:

@@ -1,10 +1,11 @@
 """Encoding float32 tensors into GGUF types, byte for byte as llama.cpp's reference kernels
 (ggml/src/ggml-quants.c, quantize_row_*_ref) write them.
 
-F32/F16/BF16 and the 32-block types come from gguf-py (bit-exact ports of the reference kernels); Q6_K,
-which llama-quantize uses for the output tensor of every legacy-type model, is written here, vectorised
-over all blocks of a tensor. ggml-base is compiled without FMA contraction or fast-math, so evaluating
-each float32 operation in the reference's order reproduces its bytes.
+F32/F16/BF16 and the 32-block types come from gguf-py (bit-exact ports of the reference kernels); Q8_0 and
+the K-quants are written here twice: compiled whole with numba (kquant_jit.py, used when numba imports)
+and vectorised with numpy over all blocks of a tensor (the fallback). ggml-base is compiled without FMA
+contraction or fast-math, so evaluating each float32 operation in the reference's order reproduces its
+bytes; the tests compare both versions with llama-quantize.
 """
 from __future__ import annotations
 
@@ -458,27 +459,49 @@ def _encode_rows(rows: np.ndarray, qtype: Q) -> np.ndarray:
     return gguf.quants.quantize(rows, qtype)
 
 
+def _encode_into(rows: np.ndarray, qtype: Q, out: np.ndarray) -> None:
+    """Encode float32 rows (n, cols) into out (n, bytes per row): the compiled kernel where there is one
+    (it writes into out directly, GIL released), else the numpy encoders."""
+    jit = _jit() if qtype in _JIT_KERNELS else None
+    if jit is not None:
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        x = rows.reshape(-1, block)
+        y = out.reshape(-1, size)
+        if qtype == Q.Q8_0:
+            jit.q8_0_rows(x, y)
+        else:
+            getattr(jit, _JIT_KERNELS[qtype])(x, y, jit.F16_TO_F32)
+    elif qtype == Q.F16:
+        out.view(np.float16)[...] = rows
+    else:
+        out[...] = _encode_rows(rows, qtype).view(np.uint8).reshape(out.shape)
+
+
 def encode_rows(shape: tuple[int, ...], qtype: Q, rows: Callable[[slice], np.ndarray]) -> np.ndarray:
     """Encode a tensor produced a slice of rows at a time: rows(slice) returns those rows as float32.
 
-    Slices are spread over a thread pool (numpy releases the GIL, so both cores work) and sized to stay in
-    cache. Every row is encoded independently of the others, so the bytes do not depend on the split."""
+    Slices are spread over a thread pool (numpy and the compiled kernels release the GIL, so both cores
+    work), sized to stay in cache, and encoded straight into their place in the result. Every row is
+    encoded independently of the others, so the bytes do not depend on the split."""
     global _POOL
     n_cols = shape[-1]
     n_rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
     step = max(1, (_CHUNK_K if qtype in _K_QUANTS else _CHUNK) // n_cols)
+    out = np.empty((n_rows, byte_shape((n_cols,), qtype)[-1]), np.uint8)
 
-    def one(i: int) -> np.ndarray:
-        block = np.ascontiguousarray(rows(slice(i, min(i + step, n_rows))), dtype=np.float32)
-        return _encode_rows(block.reshape(-1, n_cols), qtype).view(np.uint8).reshape(block.shape[0], -1)
+    def one(i: int) -> None:
+        sl = slice(i, min(i + step, n_rows))
+        block = np.ascontiguousarray(rows(sl), dtype=np.float32)
+        _encode_into(block.reshape(-1, n_cols), qtype, out[sl])
 
     if n_rows <= step:
-        parts = [one(0)]
+        one(0)
     else:
         if _POOL is None:
             _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="gguf-lora-quant")
-        parts = list(_POOL.map(one, range(0, n_rows, step)))
-    return (parts[0] if len(parts) == 1 else np.concatenate(parts)).reshape(byte_shape(shape, qtype))
+        for _ in _POOL.map(one, range(0, n_rows, step)):
+            pass
+    return out.reshape(byte_shape(shape, qtype))
 
 
 def encode(arr: np.ndarray, qtype: Q) -> np.ndarray:
@@ -489,9 +512,21 @@ def encode(arr: np.ndarray, qtype: Q) -> np.ndarray:
 
 
 def decode(data: np.ndarray, qtype: Q) -> np.ndarray:
-    return gguf.quants.dequantize(data, qtype).astype(np.float32, copy=False)
+    """A tensor's bytes (or some of its rows) -> float32 values, as gguf-py's dequantize gives them; the
+    common quantized types of a base through the compiled kernels (same floats, without numpy's temporaries)."""
+    kernel = _DECODE_KERNELS.get(qtype)
+    jit = _jit() if kernel else None
+    if jit is None or data.dtype != np.uint8:
+        return gguf.quants.dequantize(data, qtype).astype(np.float32, copy=False)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rows = np.ascontiguousarray(data)
+    out = np.empty((*rows.shape[:-1], rows.shape[-1] // size * block), np.float32)
+    getattr(jit, kernel)(rows.reshape(-1, size), out.reshape(-1, block), jit.F16_TO_F32)
+    return out
 
 
 _K_QUANTS = {Q.Q2_K: quantize_q2_k, Q.Q3_K: quantize_q3_k, Q.Q4_K: quantize_q4_k, Q.Q5_K: quantize_q5_k,
              Q.Q6_K: quantize_q6_k}
+_DECODE_KERNELS = {Q.Q4_K: "dq_q4_k_rows", Q.Q6_K: "dq_q6_k_rows", Q.Q8_0: "dq_q8_0_rows"}
+_JIT_KERNELS = {Q.Q8_0: "q8_0_rows", Q.Q4_K: "q4_k_rows", Q.Q5_K: "q5_k_rows", Q.Q6_K: "q6_k_rows"}
 WRITABLE = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.MXFP4, *_K_QUANTS})

@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import InputError, ServerError, ServerUnreachable
-from ..gguf_read import general_type
 from ..llama_cpp import find_tool
 from .http import Http
 
@@ -166,6 +165,8 @@ def _find(adapters: list[Adapter], key: str | int) -> Adapter:
 
 def adapter_files(adapters: str | Path | Iterable[str | Path]) -> list[Path]:
     """Folders (every GGUF LoRA in each, by name) and GGUF LoRA files, in order; names must be unique."""
+    from ..gguf_read import general_type  # here, not at the top: numpy and gguf stay out of `adapters use`
+
     items = [adapters] if isinstance(adapters, (str, Path)) else list(adapters)
     files: list[Path] = []
     for item in map(Path, items):
