@@ -35,7 +35,6 @@ import aiohttp
 from aiohttp import web
 
 from ..errors import GgufLoraError, InputError, ServerError
-from ..gguf_read import general_type
 from .llama_server import OWN_FLAGS, Adapter, ManagedServer, _check_port_free, adapter_files, free_port
 
 # Paths whose requests llama-server turns into generation tasks and which take a `lora` field.
@@ -368,6 +367,8 @@ class Router:
 
     def _adapters_now(self) -> list[Path]:
         """The adapter files of the sources as they are now; unreadable or refused files are left out."""
+        from ..gguf_read import general_type  # numpy + gguf: loaded when the folder is watched, not at start-up
+
         out, seen = [], set()
         for src in self.sources:
             candidates = sorted(src.glob("*.gguf")) if src.is_dir() else [src] if src.is_file() else []
