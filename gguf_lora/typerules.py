@@ -60,8 +60,12 @@ def _use_more_bits(i: int, n: int) -> bool:
 
 
 def plan_types(tensors: list[tuple[str, tuple[int, ...], Q]], outtype: str, n_layers: int,
-               model_70b: bool = False, n_gqa: int = 1) -> dict[str, Q]:
+               model_70b: bool = False, n_gqa: int = 1,
+               fallbacks: list[tuple[str, Q, Q]] | None = None) -> dict[str, Q]:
     """llama_tensor_get_type for every tensor (dense model, no imatrix, no overrides).
+
+    fallbacks, when given, receives (name, planned type, type written) for each tensor whose rows the planned
+    type cannot hold: the tensors llama-quantize counts in "N of M tensor(s) required fallback quantization".
 
     llama-quantize walks tensors by layer number, then name (weight_name_comparer); the attn_v and
     ffn_down counters of the K-quant mixes follow that order, so this does too."""
@@ -116,6 +120,8 @@ def plan_types(tensors: list[tuple[str, tuple[int, ...], Q]], outtype: str, n_la
         elif "attn_output.weight" in name:
             new = {"q2_k": Q.Q3_K, "q3_k_m": Q.Q4_K, "q3_k_l": Q.Q5_K}.get(outtype, new)
         out[name] = _fallback(new, ncols)
+        if fallbacks is not None and out[name] != new:
+            fallbacks.append((name, new, out[name]))
     return out
 
 
