@@ -42,7 +42,10 @@ built() {
 }
 if built; then echo "$BIN"; exit 0; fi
 # GGUF_LORA_BUILD_DRY_RUN=1: say what would be built, touch nothing (tests/test_build_script.py)
-if [ -n "${GGUF_LORA_BUILD_DRY_RUN:-}" ]; then echo "would build for $KEY:${CPU_OPTS[*]+ ${CPU_OPTS[*]}}"; exit 0; fi
+if [ -n "${GGUF_LORA_BUILD_DRY_RUN:-}" ]; then
+  [ "$(cat "$ROOT/build/configured-for" 2>/dev/null)" = "$KEY" ] && echo -n "would resume: "
+  echo "would build for $KEY:${CPU_OPTS[*]+ ${CPU_OPTS[*]}}"; exit 0
+fi
 
 mkdir -p "$ROOT"
 # Two builds at once (two terminals, two test runs) would write over each other: the second one waits.
@@ -67,10 +70,14 @@ else
   say "[1/3] source already in $ROOT/src"
 fi
 
-if [ -d "$ROOT/build" ]; then
-  say "the cached build is for '$(cat "$ROOT/build/target" 2>/dev/null || echo 'an unknown CPU, or unfinished')', this CPU needs '$KEY': rebuilding"
+if [ -d "$ROOT/build" ] && [ "$(cat "$ROOT/build/configured-for" 2>/dev/null)" = "$KEY" ]; then
+  say "resuming an unfinished build"  # interrupted: make picks up where it stopped
+elif [ -d "$ROOT/build" ]; then
+  say "the cached build is for '$(cat "$ROOT/build/target" 2>/dev/null || echo 'an unknown CPU')', this CPU needs '$KEY': rebuilding"
   rm -rf "$ROOT/build"
 fi
+mkdir -p "$ROOT/build"
+echo "$KEY" >"$ROOT/build/configured-for"
 
 say "[2/3] configuring with cmake for $TARGET (log: $LOG)"
 cmake -S "$ROOT/src" -B "$ROOT/build" -DCMAKE_BUILD_TYPE=Release \

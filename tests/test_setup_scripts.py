@@ -69,6 +69,15 @@ def test_a_build_for_another_target_is_redone(tmp_path, target, flags):
     assert done.returncode == 0 and done.stdout.startswith("would build for x86_64 "), done.stdout + done.stderr
 
 
+def test_an_interrupted_build_is_resumed_not_redone(tmp_path):
+    fake_build(tmp_path, "x86_64 x86-64-v3")
+    build_dir = tmp_path / "llama.cpp-0.3.36" / "build"
+    (build_dir / "target").unlink()  # stamped only once it is finished
+    (build_dir / "configured-for").write_text("x86_64 x86-64-v3\n")
+    assert build(tmp_path).stdout == "would resume: would build for x86_64 x86-64-v3:\n"
+    assert build(tmp_path, flags="fpu sse2").stdout.startswith("would build for x86_64 x86-64: ")
+
+
 @pytest.fixture
 def repo(tmp_path):
     """A copy of the set-up script in a fake checkout whose .venv/bin/python logs pip instead of running it."""
