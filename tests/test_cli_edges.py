@@ -18,7 +18,7 @@ import tiny
 from gguf_lora import convert, merge, quantize
 from gguf_lora.cli import app
 from gguf_lora.inspect import inspect, render
-from gguf_lora.llama_cpp import find_tool
+from gguf_lora.llama_cpp import find_tool, pinned_root
 from llamacpp import lora_to_gguf
 
 runner = CliRunner()
@@ -78,7 +78,9 @@ def test_quantize_errors_speak_of_quantize(tmp_path):
     line = fails(["quantize", text, out, "q8_0"], ["is not a GGUF file", "Quantize reads and writes",
                                                    "convert_hf_to_gguf.py HF_MODEL_FOLDER --outfile"],
                  absent=["Base", "merge"])
-    assert str(TINY.parent.parent) not in line  # the pinned converter's path, not the repo's
+    assert f"python {pinned_root() / 'src' / 'convert_hf_to_gguf.py'} HF_MODEL_FOLDER" in line  # where it is
+    fails(["merge", "--base", TINY / "base-hf", TINY / "adapters" / "sql", "-o", out],
+          ["Base", "is not a GGUF file", f"python {pinned_root() / 'src' / 'convert_hf_to_gguf.py'} HF_MODEL_FOLDER"])
     fails(["quantize", TINY / "base.gguf", out, "same"], ["Unknown output type 'same'", "Choose one of f32, "],
           absent=["same,"])
     lora = convert(TINY / "adapters" / "poem", TINY / "base.gguf", tmp_path / "poem.gguf")
