@@ -70,8 +70,10 @@ def where() -> str:
     bin_dir = pinned_root() / "build" / "bin"
     built = "" if (bin_dir / "llama-server").is_file() else "   (not built yet: just llama-cpp)"
     src = pinned_root() / "src" / "convert_hf_to_gguf.py"
-    torch = importlib.util.find_spec("torch") is not None
-    fetched = ("" if torch else "   (needs torch: just setup-test)") if src.is_file() else "   (not fetched yet: just llama-cpp)"
+    if not src.is_file():
+        fetched = "   (not fetched yet: just llama-cpp)"
+    else:
+        fetched = "" if importlib.util.find_spec("torch") else "   (needs torch: just setup-test)"
     return "\n".join([
         f"gguf-lora              {cli}   (or: just run ARGS, or source {cli.parent}/activate)",
         f"llama-server           {bin_dir / 'llama-server'}{built}",

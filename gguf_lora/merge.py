@@ -241,7 +241,8 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: st
             contributions[name].extend(cs)
         # the result names the adapter by absolute path; the file records its name, so that the bytes written
         # do not depend on the folder the command ran in
-        provenance.append({"adapter": str(path.resolve()), "name": path.resolve().name, "scale": scale, "sha256": digest})
+        provenance.append({"adapter": str(path.resolve()), "name": path.resolve().name, "scale": scale,
+                           "sha256": digest})
 
     tensors = {t.name: t for t in reader.tensors}
     order = list(tensors)
