@@ -14,8 +14,8 @@ from pathlib import Path
 from .errors import InputError
 
 PINNED = "0.3.36"  # llama-cpp-python version; carries llama.cpp of 2026-10-01
-BUILD_HINT = ("build the pinned llama.cpp with 'just llama-cpp' (scripts/build_llama_cpp.sh: a 60 MB download, then "
-              "about 6 minutes of compiling on 2 idle cores, several times that on a busy machine)")
+BUILD_HINT = ("build the pinned llama.cpp with 'just llama-cpp' (scripts/build_llama_cpp.sh: a 77 MB download, then "
+              "about 7 minutes of compiling on 2 idle cores, several times that on a busy machine)")
 
 
 def cache_root() -> Path:

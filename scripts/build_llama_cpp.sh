@@ -60,7 +60,7 @@ if [ ! -f "$ROOT/src/convert_hf_to_gguf.py" ]; then
   tmp=$(mktemp -d "$CACHE/dl.XXXXXX")
   trap 'rm -rf "$tmp"' EXIT
   # only this package as source: its build tools (scikit-build-core) come as wheels, not built from source too
-  say "[1/3] downloading the llama-cpp-python==$VERSION sdist from PyPI (the pinned llama.cpp tree, ~60 MB)"
+  say "[1/3] downloading the llama-cpp-python==$VERSION sdist from PyPI (the pinned llama.cpp tree, 77 MB)"
   "$PY" -m pip download --quiet --no-deps --no-binary llama-cpp-python -d "$tmp" "llama-cpp-python==$VERSION" \
     >>"$LOG" 2>&1 || { tail -20 "$LOG" >&2; say "download failed; full log: $LOG"; exit 1; }
   tar -xzf "$tmp"/llama_cpp_python-"$VERSION".tar.gz -C "$tmp"
@@ -87,7 +87,7 @@ cmake -S "$ROOT/src" -B "$ROOT/build" -DCMAKE_BUILD_TYPE=Release \
   || { tail -30 "$LOG" >&2; say "cmake configure failed; full log: $LOG"; exit 1; }
 
 say "[3/3] compiling llama-server, llama-quantize, llama-export-lora with $JOBS jobs" \
-    "(about 6 minutes on 2 idle cores, several times that on a busy machine)"
+    "(about 7 minutes on 2 idle cores, several times that on a busy machine)"
 start=$(date +%s)
 # one progress line per 10% of cmake's own percentage; everything goes to the log
 progress() {

@@ -49,7 +49,7 @@ cat <<EOF
 Everything above is in $OUT. The CLI is .venv/bin/gguf-lora: run it as 'just run --help', or
 'source .venv/bin/activate' and then 'gguf-lora --help'. 'just where' shows where each tool is.
 
-just demo-serve     builds the pinned llama.cpp once (a 60 MB download, then about 6 minutes of compiling),
+just demo-serve     builds the pinned llama.cpp once (a 77 MB download, then about 7 minutes of compiling),
                     serves base.gguf with both adapters and switches between them. By hand, afterwards:
   $ROOT/build/bin/llama-server -m $TINY/base.gguf --lora $OUT/adapters/sql.gguf
   $ROOT/build/bin/llama-server -m $OUT/base+sql-q4_k_m.gguf
