@@ -249,7 +249,7 @@ def adapters_use(
     from .runtime.llama_server import LlamaServer, parse_selection
 
     if bool(names) == none:  # a usage error: exit 2 with the usage line, as the parser reports its own
-        raise typer.BadParameter("name the adapters to use (NAME or NAME=SCALE), or pass --none for the bare base",
+        raise typer.BadParameter("name the adapters to use, or pass --none for the bare base",
                                  param_hint="NAMES / --none")
     try:
         _print_adapters(LlamaServer(url, api_key, timeout=30).use(parse_selection(names or [])), as_json)

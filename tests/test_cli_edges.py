@@ -54,7 +54,7 @@ def test_adapters_use_without_names_is_a_usage_error():
     assert result.exit_code == missing.exit_code == 2
     assert result.stdout == "" and result.stderr.startswith("Usage: root adapters use [OPTIONS] [NAMES]...")
     flat = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.stderr).split())  # rich draws the message in a box
-    assert "name the adapters to use (NAME or NAME=SCALE), or pass --none for the bare base" in flat
+    assert "Invalid value for NAMES / --none: name the adapters to use, or pass --none for the bare base" in flat
     both = runner.invoke(app, ["adapters", "use", "sql", "--none", "--url", "http://127.0.0.1:9"])
     assert both.exit_code == 2 and "Usage:" in both.stderr
 
