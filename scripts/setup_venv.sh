@@ -15,6 +15,7 @@ VENV=${GGUF_LORA_VENV:-.venv}
 PY="$VENV/bin/python"
 TORCH_VERSION=2.13.0  # the version the tests are pinned against (transformers 5.24, peft 0.21.2)
 say() { echo "setup: $*" >&2; }
+export PIP_DISABLE_PIP_VERSION_CHECK=1  # one line per step: no "a new release of pip" notices
 
 case "$LEVEL" in runtime|test) ;; *) say "unknown level '$LEVEL' (runtime or test)"; exit 2 ;; esac
 
