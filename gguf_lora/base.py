@@ -16,6 +16,7 @@ import numpy as np
 from .archs import Arch, arch_for_hf, archs
 from .gguf_read import GGUFFile
 from .errors import InputError, UnsupportedError
+from .llama_cpp import convert_hf_hint
 from .safetensors_io import SafetensorsFile
 
 GGUF_MAGIC = b"GGUF"
@@ -93,7 +94,7 @@ def read_gguf_base(path: Path) -> BaseModel:
     arch_name = _field(reader, "general.architecture")
     if not arch_name:
         raise InputError(f"{path} has no general.architecture", "it is not a llama.cpp model file",
-                         "convert the base with llama.cpp's convert_hf_to_gguf.py")
+                         convert_hf_hint())
     arch = _supported(arch_name, path)
     if _field(reader, "split.count", 1) and int(_field(reader, "split.count", 1)) > 1:
         raise InputError(f"{path} is one part of a split GGUF", "a split model's tensors lie in several files",

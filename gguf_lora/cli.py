@@ -1,4 +1,7 @@
-"""The `gguf-lora` command: a thin client of the library. Parses, calls, prints; exit 0 ok, 1 known error."""
+"""The `gguf-lora` command: a thin client of the library. Parses, calls, prints.
+
+Exit codes: 0 ok; 1 an error, one line (what, why, what to do); 2 a command line the parser rejects (a missing
+argument, an unknown option, `adapters use` with neither names nor --none), reported with the usage line."""
 from __future__ import annotations
 
 import json
@@ -107,6 +110,11 @@ def _print_merge(result, as_json: bool) -> None:
                f"{result.merged_tensors} merged, {result.bytes:,} bytes")
     for a in result.adapters:
         typer.echo(f"  merged {a['adapter']} at scale {a['scale']:g} (sha256 {a['sha256'][:12]})")
+    if result.fallbacks:  # llama-quantize warns "N of M tensor(s) required fallback quantization"
+        fell = lambda key: ", ".join(map(str, sorted({f[key] for f in result.fallbacks})))  # noqa: E731
+        typer.echo(f"  note: {len(result.fallbacks)} of {result.tensors} tensors fell back from {fell('wanted')} to "
+                   f"{fell('got')}: their rows ({fell('columns')} values) are not a multiple of the type's block, "
+                   "as llama-quantize does")
 
 
 @app.command()
@@ -201,7 +209,8 @@ def verify(
 DEFAULT_URL = "http://127.0.0.1:8080"
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             options_metavar="[OPTIONS] [-- LLAMA_SERVER_ARGS...]")
 def serve(
     ctx: typer.Context,
     base: Path = typer.Option(..., "--base", "-b", help="Base model GGUF."),
@@ -242,7 +251,8 @@ def serve(
     def ready(r) -> None:
         active = ", ".join(f"{n}={s:g}" for n, s in r.selection.items() if s) or "none"
         typer.echo(f"serving at {r.url}: models {', '.join(r.model_ids())}; global selection: {active}")
-        say(f"  llama-server log: {r.backend.server.log}; Ctrl-C stops it")
+        say(f"  llama-server's log: {r.backend.server.log}; Ctrl-C stops it" if log else
+            "  Ctrl-C stops it (--log FILE keeps llama-server's log; without it the log is removed on stop)")
 
     try:
         router.run(ready, handle_signals=True)
@@ -293,9 +303,9 @@ def adapters_use(
     """Set the global selection: what requests whose model names nothing get under serve --unknown-model selection."""
     from .runtime.llama_server import LlamaServer, parse_selection
 
-    if bool(names) == none:
-        typer.echo("error: name the adapters to use, or pass --none for the bare base", err=True)
-        raise typer.Exit(2)
+    if bool(names) == none:  # a usage error: exit 2 with the usage line, as the parser reports its own
+        raise typer.BadParameter("name the adapters to use, or pass --none for the bare base",
+                                 param_hint="NAMES / --none")
     try:
         _print_adapters(LlamaServer(url, api_key, timeout=30).use(parse_selection(names or [])), as_json)
     except GgufLoraError as e:
@@ -335,7 +345,7 @@ def deploy(
     say = None if as_json else (lambda msg: typer.echo(msg, err=True))
     try:
         with _one_blas_thread():  # a merged deploy merges here
-            result = do_deploy(adapter, base, name, client=Ollama(url), scale=scale, outtype=outtype,
+            result = do_deploy(adapter, base, name, client=Ollama(url), scale=scale, outtype=outtype.lower(),
                                prompts=prompts, store=store, progress=say, merged=merge)
     except AdapterIgnoredError as e:
         if as_json and e.result is not None:

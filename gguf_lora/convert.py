@@ -54,6 +54,7 @@ def tensor_type(shape: tuple[int, ...], outtype: str) -> gguf.GGMLQuantizationTy
 def convert(adapter: str | Path, base: str | Path | None = None, output: str | Path | None = None,
             outtype: str = "f16", force: bool = False, progress: Progress | None = None) -> ConvertResult:
     """Convert a PEFT LoRA folder into a GGUF LoRA for `base`; returns what was written."""
+    outtype = outtype.lower()
     if outtype not in OUTTYPES:
         raise InputError(f"Unknown output type {outtype!r}", "", f"choose one of {', '.join(OUTTYPES)}")
     peft = load_adapter(adapter)
@@ -78,6 +79,11 @@ def convert(adapter: str | Path, base: str | Path | None = None, output: str | P
         writer.add_string("gguf_lora.version", __version__)
         writer.add_string("gguf_lora.source", peft.name)
         writer.add_string("gguf_lora.source_sha256", peft.content_hash())
+        # PEFT's scale of each pair, already folded into lora_b: what 'gguf-lora inspect' shows (NaN where the
+        # pair joins modules of different scales, e.g. q, k and v in a fused attn_qkv: each block has its own)
+        writer.add_array("gguf_lora.peft_scale_tensors", [p.gguf_name for p in planned])
+        writer.add_array("gguf_lora.peft_scales", [float(p.pair.scale) if len({part.pair.scale for part in p.parts}) == 1
+                                                   else float("nan") for p in planned])
 
     arrays: dict[int, np.ndarray] = {}
 
@@ -89,7 +95,7 @@ def convert(adapter: str | Path, base: str | Path | None = None, output: str | P
     with atomic_output(out) as tmp:
         write_gguf(tmp, model.arch.name, metadata, specs, produce, progress)
     return ConvertResult(
-        output=str(out), arch=model.arch.name, tensors=2 * len(planned),
+        output=str(out.resolve()), arch=model.arch.name, tensors=2 * len(planned),
         ranks=sorted({p.rank for p in planned}), alpha=alpha, bytes=out.stat().st_size, outtype=outtype,
-        base=str(model.source), shapes_validated=model.validates_shapes,
+        base=str(Path(model.source).resolve()), shapes_validated=model.validates_shapes,
         folded_scales=sorted({part.pair.module for p in planned for part in p.parts if part.fold != 1.0}))

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import gguf
 
 from .base import is_gguf, load_base
 from .gguf_read import GGUFFile
@@ -18,10 +19,13 @@ def _gguf_report(path: Path) -> dict[str, Any]:
     except Exception as e:
         raise InputError(f"{path} is not a readable GGUF file ({e})", "the file is damaged or truncated", "") from None
     meta: dict[str, Any] = {}
+    full: dict[str, Any] = {}  # the long arrays gguf-lora reads itself
     for key, f in reader.fields.items():
         if key.startswith("GGUF."):
             continue
         value = f.contents()
+        if key in ("gguf_lora.peft_scales", "gguf_lora.peft_scale_tensors"):
+            full[key] = value
         if isinstance(value, list) and len(value) > 8:
             value = f"[{len(value)} items]"
         elif isinstance(value, str) and len(value) > 200:
@@ -32,13 +36,28 @@ def _gguf_report(path: Path) -> dict[str, Any]:
     report: dict[str, Any] = {"path": str(path), "kind": "gguf-" + ("adapter" if meta.get("general.type") == "adapter"
                                                                     else "model"),
                               "arch": meta.get("general.architecture"), "metadata": meta, "tensors": tensors}
+    file_type = meta.get("general.file_type")
+    if isinstance(file_type, int):
+        try:
+            report["file_type"] = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except ValueError:
+            pass
     if report["kind"] == "gguf-adapter":
         alpha = float(meta.get("adapter.lora.alpha", 0.0))
         shapes = {t["name"]: t["shape"] for t in tensors}
-        report["pairs"] = [
-            {"tensor": name[: -len(".lora_b")], "rank": shape[-1], "experts": shape[0] if len(shape) == 3 else 0,
-             "scale": alpha / shape[-1] if alpha else 1.0}
-            for name, shape in shapes.items() if name.endswith(".lora_b")]
+        # gguf-lora convert records PEFT's scale of each pair (it folded scale / (alpha / rank) into lora_b)
+        recorded = dict(zip(full.get("gguf_lora.peft_scale_tensors", []), full.get("gguf_lora.peft_scales", [])))
+        report["pairs"] = []
+        for name, shape in shapes.items():
+            if not name.endswith(".lora_b"):
+                continue
+            tensor, runtime = name[: -len(".lora_b")], alpha / shape[-1] if alpha else 1.0
+            scale = float(recorded.get(tensor, runtime))
+            if scale != scale:  # NaN: modules of different scales share this pair (fused q/k/v), each folded
+                scale = None
+            report["pairs"].append({"tensor": tensor, "rank": shape[-1], "experts": shape[0] if len(shape) == 3 else 0,
+                                    "scale": scale, "runtime_scale": runtime,
+                                    "folded": None if scale is None else scale / runtime if runtime else 1.0})
     return report
 
 
@@ -117,12 +136,25 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"  ! {u['feature']}: {', '.join(u['tensors'])}")
     else:
         for key, value in report["metadata"].items():
-            lines.append(f"  {key} = {value}")
-        for t in report["tensors"]:
+            named = f" ({report['file_type']})" if key == "general.file_type" and "file_type" in report else ""
+            lines.append(f"  {key} = {value}{named}")
+        pairs = report.get("pairs")
+        types = {t["name"]: t["type"] for t in report["tensors"]}
+        for t in [] if pairs else report["tensors"]:  # an adapter's tensors are listed as pairs
             lines.append(f"  {t['name']:<50} {t['type']:<6} {t['shape']}")
-        for p in report.get("pairs", []):
+        folded = [p for p in pairs or [] if p["folded"] is None or abs(p["folded"] - 1.0) > 1e-6]
+        if folded:
+            lines.append(f"  PEFT's scale is folded into lora_b where it is not alpha / rank ({len(folded)} of "
+                         f"{len(pairs)} pairs): llama.cpp applies alpha / rank, the fold makes up the rest")
+        for p in pairs or []:
             experts = f"  {p['experts']} experts x" if p["experts"] else ""
-            lines.append(f"  pair {p['tensor']:<45}{experts} rank {p['rank']:>4}  scale {p['scale']:.6g}")
+            if p["scale"] is None:
+                scale, how = "per fused module", f" (alpha / rank {p['runtime_scale']:.6g} x each module's own fold)"
+            else:
+                scale = f"{p['scale']:.6g}"
+                how = f" (alpha / rank {p['runtime_scale']:.6g} x {p['folded']:.6g} folded)" if p in folded else ""
+            lines.append(f"  pair {p['tensor']:<45}{experts} rank {p['rank']:>4}  {types[p['tensor'] + '.lora_b']:<5} "
+                         f"scale {scale}{how}")
     if "fits" in report:
         lines.append(f"fits {report['base']}: " + ("yes" if report["fits"] else f"no: {report['problem']}"))
     return "\n".join(lines)

@@ -19,7 +19,8 @@ from . import __version__
 from .base import BaseModel, is_gguf, read_gguf_base
 from .convert import Progress
 from .mapping import bias_target, pair_arrays, plan, replacement_target, target_shape, transform_rows
-from .gguf_read import GGUFFile
+from .gguf_read import GGUFFile, general_type
+from .llama_cpp import convert_hf_hint
 from .errors import AdapterError, BaseMismatchError, InputError, UnsupportedError
 from .output import TensorSpec, atomic_output, check_output, write_gguf
 from .peft import load_adapter, sha256_file
@@ -53,6 +54,9 @@ class MergeResult:
     adapters: list[dict] = field(default_factory=list)
     types: dict[str, int] = field(default_factory=dict)
     bytes: int = 0
+    # tensors whose rows the planned type's block does not divide, so they got another (llama-quantize's
+    # tensor_type_fallback, which warns "N of M tensor(s) required fallback quantization")
+    fallbacks: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -201,12 +205,13 @@ def apply_rows(w: np.ndarray, sl: slice, p: Prepared) -> np.ndarray:
 def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: str | Path, outtype: str = "same",
           force: bool = False, progress: Progress | None = None) -> MergeResult:
     """Bake adapters (PEFT folders or GGUF LoRAs, each with a scale) into base and write it as outtype."""
+    outtype = outtype.lower()  # Q4_K_M, as llama-quantize spells it, is q4_k_m
     if outtype != "same" and outtype not in OUTTYPES:
         raise InputError(f"Unknown output type {outtype!r}", "", f"choose one of same, {', '.join(OUTTYPES)}")
     base = Path(base)
     if not base.is_file() or not is_gguf(base):
         raise InputError(f"Base {base} is not a GGUF file", "merge reads and writes llama.cpp model files",
-                         "convert the base with llama.cpp's convert_hf_to_gguf.py first")
+                         convert_hf_hint())
     model = read_gguf_base(base)
     reader: GGUFFile = model._reader
     out = Path(output)
@@ -222,7 +227,10 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: st
             contrib, digest = _peft(path, scale, model)
         for name, cs in contrib.items():
             contributions[name].extend(cs)
-        provenance.append({"adapter": str(path), "scale": scale, "sha256": digest})
+        # the result names the adapter by absolute path; the file records its name, so that the bytes written
+        # do not depend on the folder the command ran in
+        provenance.append({"adapter": str(path.resolve()), "name": path.resolve().name, "scale": scale,
+                           "sha256": digest})
 
     tensors = {t.name: t for t in reader.tensors}
     order = list(tensors)
@@ -240,10 +248,11 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: st
 
     shapes = {name: tuple(int(d) for d in reversed(source(name).shape.tolist())) for name in order
               if name not in new_biases}
+    fallbacks: list[tuple[str, Q, Q]] = []
     types = {} if outtype == "same" else plan_types(
         [(name, shapes[name], source(name).tensor_type) for name in shapes], outtype, model.n_layers,
         is_70b(model.arch.name, model.n_layers, model.n_head, model.n_head_kv), model.n_head // model.n_head_kv,
-        model.n_expert)
+        model.n_expert, fallbacks)
     specs = []
     for name in order:
         if name in new_biases:  # as long as its weight has rows; llama.cpp keeps 1-D tensors in F32
@@ -318,17 +327,32 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: st
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_string("gguf_lora.version", __version__)
         if provenance:
-            writer.add_array("gguf_lora.adapters", [p["adapter"] for p in provenance])
+            writer.add_array("gguf_lora.adapters", [p["name"] for p in provenance])
             writer.add_array("gguf_lora.adapter_sha256", [p["sha256"] for p in provenance])
             writer.add_array("gguf_lora.adapter_scales", [float(p["scale"]) for p in provenance])
 
     with atomic_output(out) as tmp:
         write_gguf(tmp, model.arch.name, metadata, specs, produce, progress)
-    return MergeResult(str(out), model.arch.name, outtype, len(specs), sum(s.name in contributions for s in specs),
-                       provenance, dict(Counter(s.qtype.name for s in specs)), out.stat().st_size)
+    return MergeResult(str(out.resolve()), model.arch.name, outtype, len(specs),
+                       sum(s.name in contributions for s in specs), provenance,
+                       dict(Counter(s.qtype.name for s in specs)), out.stat().st_size,
+                       [{"tensor": n, "wanted": w.name, "got": g.name, "columns": shapes[n][-1]}
+                        for n, w, g in fallbacks])
 
 
 def quantize(source: str | Path, output: str | Path, outtype: str, force: bool = False,
              progress: Progress | None = None) -> MergeResult:
     """Re-type a GGUF model the way llama-quantize does (no imatrix): the merge path with no adapters."""
+    outtype = outtype.lower()
+    if outtype not in OUTTYPES:  # 'same' included: it would copy the file
+        raise InputError(f"Unknown output type {outtype!r}", "quantize writes one of llama-quantize's types",
+                         f"choose one of {', '.join(OUTTYPES)}")
+    source = Path(source)
+    if not source.is_file() or not is_gguf(source):
+        raise InputError(f"Input {source} is not a GGUF file", "quantize reads and writes llama.cpp model files",
+                         convert_hf_hint())
+    if general_type(source) == "adapter":
+        raise InputError(f"Input {source} is a GGUF LoRA adapter, not a model", "quantize re-types a model's weights",
+                         "write a q8_0 adapter with 'gguf-lora convert ADAPTER --outtype q8_0', or bake the adapter "
+                         "into its base with 'gguf-lora merge'")
     return merge(source, [], output, outtype, force, progress)

@@ -448,15 +448,16 @@ def _encode_rows(rows: np.ndarray, qtype: Q) -> np.ndarray:
         return rows
     if qtype == Q.F16:
         return rows.astype(np.float16)
-    if qtype == Q.Q8_0:
-        return quantize_q8_0(rows)
-    if qtype == Q.MXFP4:
-        with np.errstate(over="ignore"):  # huge blocks: k * 2^127 overflows to inf, as in C
+    # The reference kernels divide by block scales that may be 0 or subnormal (1/d overflows to inf) and cast
+    # what follows, as C does without a word; the bytes match llama-quantize's, so numpy's warnings are noise.
+    with np.errstate(all="ignore"):
+        if qtype == Q.Q8_0:
+            return quantize_q8_0(rows)
+        if qtype == Q.MXFP4:  # huge blocks: k * 2^127 overflows to inf, as in C
             return quantize_mxfp4(rows)
-    if qtype in _K_QUANTS:
-        with np.errstate(all="ignore"):  # the reference divides by ranges that may be 0 or subnormal, as C does
+        if qtype in _K_QUANTS:
             return _K_QUANTS[qtype](rows)
-    return gguf.quants.quantize(rows, qtype)
+        return gguf.quants.quantize(rows, qtype)
 
 
 def _encode_into(rows: np.ndarray, qtype: Q, out: np.ndarray) -> None:

@@ -61,8 +61,12 @@ def _use_more_bits(i: int, n: int) -> bool:
 
 
 def plan_types(tensors: list[tuple[str, tuple[int, ...], Q]], outtype: str, n_layers: int,
-               model_70b: bool = False, n_gqa: int = 1, n_expert: int = 0) -> dict[str, Q]:
+               model_70b: bool = False, n_gqa: int = 1, n_expert: int = 0,
+               fallbacks: list[tuple[str, Q, Q]] | None = None) -> dict[str, Q]:
     """llama_tensor_get_type for every tensor (no imatrix, no overrides).
+
+    fallbacks, when given, receives (name, planned type, type written) for each tensor whose rows the planned
+    type cannot hold: the tensors llama-quantize counts in "N of M tensor(s) required fallback quantization".
 
     llama-quantize walks tensors by layer number, then name (weight_name_comparer); the attn_v and
     ffn_down counters of the K-quant mixes follow that order, so this does too. With experts
@@ -137,6 +141,8 @@ def plan_types(tensors: list[tuple[str, tuple[int, ...], Q]], outtype: str, n_la
                 new = Q.Q5_K
             i_ffn_down += 1
         out[name] = _fallback(new, ncols)
+        if fallbacks is not None and out[name] != new:
+            fallbacks.append((name, new, out[name]))
     return out
 
 
