@@ -1,8 +1,9 @@
 """`just demo-serve`: one base, two adapters, switched at runtime, each asked the same thing.
 
-Starts `gguf-lora serve` with the tiny base and the two converted adapters (as `just demo` writes them), makes
-each adapter the active one with `gguf-lora adapters use`, sends a plain completion request (what curl would
-send) and prints the answer, then stops the server as Ctrl-C does. Every command is printed as you would type it.
+Starts `gguf-lora serve` with the tiny base and the two converted adapters (as `just demo` writes them). First
+each client picks its adapter by `model`, the OpenAI way (what an OpenAI SDK or Open WebUI sends); then, with
+`--unknown-model selection`, `gguf-lora adapters use` switches what requests that name no model get (a plain curl
+request). Prints each answer, then stops the server as Ctrl-C does. Every command is printed as you would type it.
 Needs the pinned llama-server (`just llama-cpp`). DEMO_OUT (default examples/tiny/out) is for tests.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ OUT = Path(os.environ.get("DEMO_OUT", TINY / "out"))
 CLI = [sys.executable, "-m", "gguf_lora"]
 PROMPT = "Tell me about the sea:"
 READY_TIMEOUT = 120.0
+BASE_MODEL = "base"  # serve names the bare base after its file: base.gguf
 
 
 def say(*args: str) -> None:
@@ -39,13 +41,15 @@ def gguf_lora(*args: str, quiet: bool = False) -> subprocess.CompletedProcess:
     return done
 
 
-def complete(url: str) -> str:
-    body = {"prompt": PROMPT, "n_predict": 18, "temperature": 0}
-    say(f"curl -s {url}/completion -d '{json.dumps(body)}'")
-    request = urllib.request.Request(f"{url}/completion", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
+def complete(url: str, model: str | None = None) -> str:
+    """A completion as curl sends it: to /v1/completions naming a model, else to /completion with no model."""
+    body = {**({"model": model} if model else {}), "prompt": PROMPT, "max_tokens": 18, "temperature": 0}
+    path = "/v1/completions" if model else "/completion"
+    say(f"curl -s {url}{path} -d '{json.dumps(body)}'")
+    request = urllib.request.Request(f"{url}{path}", json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as r:
-        return json.load(r)["content"]
+        doc = json.load(r)
+    return doc["choices"][0]["text"] if model else doc["content"]
 
 
 def free_port() -> int:
@@ -65,8 +69,10 @@ def main() -> int:
             return 1
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    say("gguf-lora", "serve", "--base", str(base), "--adapters", str(adapters), "--port", str(port), "&")
-    serve = subprocess.Popen([*CLI, "serve", "--base", str(base), "--adapters", str(adapters), "--port", str(port)],
+    serve_args = ["serve", "--base", str(base), "--adapters", str(adapters), "--port", str(port),
+                  "--unknown-model", "selection"]
+    say("gguf-lora", *serve_args, "&")
+    serve = subprocess.Popen([*CLI, *serve_args],
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         code = switch_and_ask(serve, url)
@@ -97,8 +103,13 @@ def switch_and_ask(serve: subprocess.Popen, url: str) -> int:
             print(f"error: gguf-lora serve did not come up: {first.stderr.strip()}", file=sys.stderr)
             return 1
         time.sleep(0.5)
-    answers = {}
+    answers, by_model = {}, {}
     try:
+        print("Each request names its adapter (the base by its own name):", flush=True)
+        for name in ("sql", "poem", BASE_MODEL):
+            by_model[name] = complete(url, name)
+            print(f"  -> {by_model[name]!r}\n", flush=True)
+        print("Requests that name no model get the global selection, switched on the running server:", flush=True)
         for name in ("sql", "poem", None):
             gguf_lora("adapters", "use", *([name] if name else ["--none"]), "--url", url)
             answers[name or "(base)"] = complete(url)
@@ -106,10 +117,14 @@ def switch_and_ask(serve: subprocess.Popen, url: str) -> int:
     except (OSError, urllib.error.URLError, KeyError, ValueError) as e:
         print(f"error: the request failed: {e}", file=sys.stderr)
         return 1
-    if len(set(answers.values())) < len(answers):
+    if len(set(answers.values())) < len(answers) or len(set(by_model.values())) < len(by_model):
         print("error: two selections gave the same answer: the switch did not take effect", file=sys.stderr)
         return 1
-    print("One request, three answers: the adapter was switched on the running server.")
+    if [by_model["sql"], by_model["poem"], by_model[BASE_MODEL]] != list(answers.values()):
+        print("error: an adapter chosen by model answered otherwise than the same adapter chosen globally",
+              file=sys.stderr)
+        return 1
+    print("Three models, three answers, the same whether named per request or switched globally.")
     return 0
 
 if __name__ == "__main__":

@@ -107,8 +107,10 @@ def test_demo_serve_switches_adapters_and_stops_cleanly(tmp_path):
                           env={**os.environ, "DEMO_OUT": str(tmp_path)}, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     answers = [line for line in done.stdout.splitlines() if line.startswith("  -> ")]
+    # by model (sql, poem, the base), then the same three through the global switch
     assert answers[:2] == ["  -> 'query query query '", "  -> 'rhyme rhyme rhyme '"]
-    assert len(answers) == 3 and "query" not in answers[2] and "rhyme" not in answers[2]
+    assert len(answers) == 6 and "query" not in answers[2] and "rhyme" not in answers[2]
+    assert answers[3:] == answers[:3]
     assert done.stdout.rstrip().endswith("stopping gguf-lora serve (as Ctrl-C does)")
     leftover = [p for p in Path("/proc").glob("[0-9]*") if str(tmp_path).encode() in _cmdline(p)]
     assert not leftover  # serve stopped its llama-server
