@@ -32,6 +32,8 @@ class BaseModel:
     tensors: dict[str, tuple[int, ...]] | None  # None: a bare config.json, shapes unknown
     tied_embeddings: bool
     _reader: Any = field(default=None, repr=False)  # GGUFReader, or {gguf name: (safetensors file, key)}
+    # the GGUF's {arch}.* metadata without the prefix (e.g. "ssm.group_count"), or an HF base's text config
+    hparams: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def read_tensor(self, name: str, rows: np.ndarray | None = None) -> tuple[np.ndarray, str] | None:
         """A 2-D base tensor (or some of its rows) as float32 and its stored type; None without weights."""
@@ -98,12 +100,18 @@ def read_gguf_base(path: Path) -> BaseModel:
     n_layers = int(_field(reader, f"{arch_name}.block_count"))
     n_head = _field(reader, f"{arch_name}.attention.head_count")
     n_head_kv = _field(reader, f"{arch_name}.attention.head_count_kv", n_head)
-    if isinstance(n_head, list) or isinstance(n_head_kv, list):
+    per_layer = isinstance(n_head, list) or isinstance(n_head_kv, list)
+    if per_layer and any(t.startswith("permute") for ts in arch.transforms.values() for t in ts):
         raise UnsupportedError(f"{path} has per-layer head counts", "the q/k permutation needs one head count",
                                "open an issue with the model name")
+    if per_layer:  # lfm2 (0 on its conv layers), gemma4 (full vs sliding layers): no transform needs them
+        n_head = max(n_head) if isinstance(n_head, list) else n_head
+        n_head_kv = max(n_head_kv) if isinstance(n_head_kv, list) else n_head_kv
     tensors = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
+    prefix = arch_name + "."
+    hparams = {k[len(prefix):]: _field(reader, k) for k in reader.fields if k.startswith(prefix)}
     return BaseModel(path, "gguf", arch, n_layers, int(n_head), int(n_head_kv or n_head), tensors,
-                     "output.weight" not in tensors, reader)
+                     "output.weight" not in tensors, reader, hparams)
 
 
 def _hf_config(path: Path) -> tuple[Path, dict]:
@@ -143,8 +151,8 @@ def read_hf_base(path: Path) -> BaseModel:
                     tensors[gguf_name] = e.shape
                     where[gguf_name] = (f, name)
         tied = "output.weight" not in tensors
-        return BaseModel(path, "hf", arch, n_layers, n_head, n_head_kv, tensors, tied, where)
-    return BaseModel(path, "hf", arch, n_layers, n_head, n_head_kv, tensors, tied)
+        return BaseModel(path, "hf", arch, n_layers, n_head, n_head_kv, tensors, tied, where, dict(text))
+    return BaseModel(path, "hf", arch, n_layers, n_head, n_head_kv, tensors, tied, hparams=dict(text))
 
 
 def load_base(path: str | Path) -> BaseModel:
