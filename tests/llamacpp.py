@@ -15,10 +15,11 @@ from gguf_lora.llama_cpp import find_source_file, find_tool
 from gguf_lora.runtime.llama_server import free_port
 
 
-def hf_to_gguf(hf_folder: Path, out: Path, outtype: str = "f32") -> Path:
+def hf_to_gguf(hf_folder: Path, out: Path, outtype: str = "f32", extra: tuple[str, ...] = ()) -> Path:
+    """extra: converter flags, e.g. --fuse-qkv or --no-mtp."""
     script = find_source_file("convert_hf_to_gguf.py")
-    proc = subprocess.run([sys.executable, str(script), str(hf_folder), "--outfile", str(out), "--outtype", outtype],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(script), str(hf_folder), "--outfile", str(out), "--outtype", outtype,
+                           *extra], capture_output=True, text=True)
     assert proc.returncode == 0, f"convert_hf_to_gguf.py failed:\n{proc.stderr[-3000:]}"
     return out
 
