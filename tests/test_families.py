@@ -64,7 +64,7 @@ ADAPTERS = {
 MERGED = {"qwen35": "merge", "gemma4": "merge", "mistral3": "language_model", "fused_qkv": "all_linear"}
 TEXT_ONLY = {"qwen2vl"}  # converted and merged with text_only=True
 # The checks beyond parity of each converted adapter and one merge (test_family below).
-SPECIAL = {"qwen35": ["wrong_value_heads"], "fused_qkv": ["fused_layout"], "gemma4": ["no_runtime_hook"],
+SPECIAL = {"qwen35": ["wrong_value_heads", "hf_folder_base"], "fused_qkv": ["fused_layout"], "gemma4": ["no_runtime_hook"],
            "qwen2vl": ["vision_refused"], "mistral3": ["llama_base"]}
 # One test per check, grouped by family so that each family's base, adapters and llama-server are built once.
 CASES = [pytest.param(family, kind, name, id=f"{family}-{kind}" + (f"-{name}" if name else ""))
@@ -233,6 +233,17 @@ def wrong_value_heads_are_caught(env, _, tmp_path):
     return min(caught(env, wrong, "all_linear") for wrong in ("wrong_none", "wrong_rows"))
 
 
+def hf_folder_base(env, _, tmp_path):
+    """qwen35 with the Hugging Face folder as --base: the head counts of the reorder come from config.json
+    instead of the GGUF's ssm.* keys, and the file written is the same, tensor for tensor."""
+    theirs = convert(env.adapters["all_linear"], env.hf, tmp_path / "hf.gguf", outtype="f32").output
+    ours = {t.name: t for t in gguf.GGUFReader(env.results["all_linear"].output).tensors}
+    other = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+    assert ours.keys() == other.keys() and any(".ssm_out." in n for n in ours)
+    for name, t in ours.items():
+        assert bytes(t.data) == bytes(other[name].data), name
+
+
 def fused_layout(env, _, tmp_path):
     """--fuse-qkv base: q/k/v pairs land on its one attn_qkv tensor, A stacked along the rank, B block-diagonal
     with the q/k permutation applied per block (the parity cases above); each block's scale is folded against
@@ -306,5 +317,6 @@ def llama_base(env, _, tmp_path):
 
 
 CHECKS = {"convert": converted_adapter_matches_peft, "merge": merged_model_matches_peft,
-          "wrong_value_heads": wrong_value_heads_are_caught, "fused_layout": fused_layout,
+          "wrong_value_heads": wrong_value_heads_are_caught, "hf_folder_base": hf_folder_base,
+          "fused_layout": fused_layout,
           "no_runtime_hook": no_runtime_hook, "vision_refused": vision_refused, "llama_base": llama_base}
