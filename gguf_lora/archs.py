@@ -9,7 +9,8 @@ from importlib import resources
 import gguf
 import numpy as np
 
-TRANSFORMS = ("permute_q", "permute_k", "trim_vocab")
+TRANSFORMS = ("permute_q", "permute_k", "trim_vocab", "v_heads_rows", "v_heads_scalar_rows", "v_heads_qkv_rows",
+              "v_heads_cols", "norm_plus_one")
 ROLES = ("gate_up", "gate", "up", "down")  # what an expert parameter or module is in llama.cpp's graph
 SPLITS = ("halves", "interleaved")
 
@@ -35,16 +36,57 @@ class Arch:
     module_prefixes: dict[str, str] = field(default_factory=dict)
     output_slot: bool = True  # llama.cpp loads a separate output.weight when present (else always tied)
     bias_slots: frozenset[str] = frozenset()  # GGUF tensors whose .bias llama.cpp loads when present
+    merge_only: frozenset[str] = frozenset()  # GGUF stems llama.cpp multiplies without a LoRA hook
+    replaceable: frozenset[str] = frozenset()  # modules_to_save merge may write besides lora_targets
+    older_hf_architectures: tuple[str, ...] = ()  # HF classes older conversions wrote as this arch
     experts: Experts | None = None
 
     def normalize_module(self, module: str) -> str:
         for old, new in self.module_prefixes.items():
             if module.startswith(old):
+                module = new + module[len(old):]
+                break
+        for old, new in shared().module_prefixes.items():
+            if module.startswith(old):
                 return new + module[len(old):]
         return module
 
+    def transforms_for(self, module: str) -> tuple[str, ...]:
+        """The transforms of a module: archs.json keys are leaves or dotted suffixes, the longest match wins."""
+        best = max((k for k in self.transforms if module == k or module.endswith("." + k)), key=len, default=None)
+        return self.transforms[best] if best is not None else ()
+
+    def accepts(self, hf_architecture: str) -> bool:
+        """Whether llama.cpp's converter writes (or once wrote) this HF class as this arch."""
+        return hf_architecture in self.hf_architectures or hf_architecture in self.older_hf_architectures
+
     def name_map(self, n_blocks: int) -> gguf.TensorNameMap:
         return _name_map(self.name, n_blocks)
+
+
+@dataclass(frozen=True)
+class Shared:
+    """archs.json `_shared`: rules for every architecture."""
+
+    module_prefixes: dict[str, str]
+    non_text_modules: frozenset[str]  # path components of vision / audio / projector towers
+    fused_blocks: dict[str, tuple[str, ...]]  # fused GGUF stem -> member stems, rows in that order
+
+    def non_text(self, module: str) -> bool:
+        return any(part in self.non_text_modules for part in module.split("."))
+
+
+def _data() -> dict:
+    return json.loads(resources.files(__package__).joinpath("archs.json").read_text())
+
+
+@lru_cache(maxsize=None)
+def shared() -> Shared:
+    spec = _data().get("_shared", {})
+    fused = {k: tuple(v) for k, v in spec.get("fused_blocks", {}).items()}
+    if any(len(v) < 2 for v in fused.values()):
+        raise ValueError("archs.json: _shared.fused_blocks needs at least two members per fused tensor")
+    return Shared(dict(spec.get("module_prefixes", {})), frozenset(spec.get("non_text_modules", ())), fused)
 
 
 @lru_cache(maxsize=None)
@@ -69,27 +111,30 @@ def _experts(name: str, spec: dict | None) -> Experts | None:
 @lru_cache(maxsize=None)
 def fused_tensors() -> dict[str, tuple[str, ...]]:
     """archs.json `_fused`: a GGUF stem a base may hold in place of its members (rows in that order)."""
-    data = json.loads(resources.files(__package__).joinpath("archs.json").read_text()).get("_fused", {})
+    data = _data().get("_fused", {})
     return {stem: tuple(members) for stem, members in data.items() if not stem.startswith("_")}
 
 
 @lru_cache(maxsize=None)
 def archs() -> dict[str, Arch]:
-    data = json.loads(resources.files(__package__).joinpath("archs.json").read_text())
-    data.pop("_doc", None)
-    data.pop("_fused", None)
+    data = _data()
     out = {}
     for name, spec in data.items():
+        if name.startswith("_"):  # _doc, _shared and other sections that are not architectures
+            continue
         if name not in gguf.MODEL_ARCH_NAMES.values():
             raise ValueError(f"archs.json: {name!r} is not a GGUF architecture known to gguf-py")
         transforms = {k: tuple(v) for k, v in spec.get("transforms", {}).items()}
+        modules = set(spec["lora_targets"]) | set(spec.get("replaceable", ()))
         for module, names in transforms.items():
             unknown = set(names) - set(TRANSFORMS)
-            if unknown or module not in spec["lora_targets"]:
+            if unknown or module.rsplit(".", 1)[-1] not in modules:
                 raise ValueError(f"archs.json: {name}.transforms.{module} is invalid ({sorted(unknown)})")
         out[name] = Arch(name, tuple(spec["hf_architectures"]), frozenset(spec["lora_targets"]), transforms,
                          dict(spec.get("module_prefixes", {})), bool(spec.get("output_slot", True)),
-                         frozenset(spec.get("bias_slots", ())), _experts(name, spec.get("experts")))
+                         frozenset(spec.get("bias_slots", ())), frozenset(spec.get("merge_only", ())),
+                         frozenset(spec.get("replaceable", ())), tuple(spec.get("older_hf_architectures", ())),
+                         _experts(name, spec.get("experts")))
     return out
 
 
@@ -102,3 +147,11 @@ def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
             .swapaxes(1, 2)
             .reshape(w.shape))
+
+
+def reorder_v_heads(n: int, n_k_heads: int, n_v_heads: int, head_dim: int) -> np.ndarray:
+    """The index llama.cpp's qwen35 converter applies to value-head rows (conversion/qwen.py _reorder_v_heads):
+    from grouped by key head [G0_v0..v{r-1}, G1_v0..] to tiled [G0_v0, G1_v0, .., G0_v1, ..]; new[i] = old[idx[i]]."""
+    per_k = n_v_heads // n_k_heads
+    assert n == n_v_heads * head_dim, (n, n_v_heads, head_dim)
+    return np.arange(n).reshape(n_k_heads, per_k, head_dim).transpose(1, 0, 2).reshape(n)

@@ -36,6 +36,8 @@ class BaseModel:
     n_expert: int = 0  # mixture of experts: experts per layer, hidden size and expert ffn size (0: dense)
     n_embd: int = 0
     n_ff_exp: int = 0
+    # the GGUF's {arch}.* metadata without the prefix (e.g. "ssm.group_count"), or an HF base's text config
+    hparams: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def read_tensor(self, name: str, rows: np.ndarray | None = None) -> tuple[np.ndarray, str] | None:
         """A 2-D base tensor (or some of its rows) as float32 and its stored type; None without weights."""
@@ -102,15 +104,21 @@ def read_gguf_base(path: Path) -> BaseModel:
     n_layers = int(_field(reader, f"{arch_name}.block_count"))
     n_head = _field(reader, f"{arch_name}.attention.head_count")
     n_head_kv = _field(reader, f"{arch_name}.attention.head_count_kv", n_head)
-    if isinstance(n_head, list) or isinstance(n_head_kv, list):
+    per_layer = isinstance(n_head, list) or isinstance(n_head_kv, list)
+    if per_layer and any(t.startswith("permute") for ts in arch.transforms.values() for t in ts):
         raise UnsupportedError(f"{path} has per-layer head counts", "the q/k permutation needs one head count",
                                "open an issue with the model name")
+    if per_layer:  # lfm2 (0 on its conv layers), gemma4 (full vs sliding layers): no transform needs them
+        n_head = max(n_head) if isinstance(n_head, list) else n_head
+        n_head_kv = max(n_head_kv) if isinstance(n_head_kv, list) else n_head_kv
     tensors = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
     n_ff = _field(reader, f"{arch_name}.expert_feed_forward_length", _field(reader, f"{arch_name}.feed_forward_length", 0))
+    prefix = arch_name + "."
+    hparams = {k[len(prefix):]: _field(reader, k) for k in reader.fields if k.startswith(prefix)}
     return BaseModel(path, "gguf", arch, n_layers, int(n_head), int(n_head_kv or n_head), tensors,
                      "output.weight" not in tensors, reader, int(_field(reader, f"{arch_name}.expert_count", 0) or 0),
                      int(_field(reader, f"{arch_name}.embedding_length", 0) or 0),
-                     n_ff if isinstance(n_ff, int) else 0)
+                     n_ff if isinstance(n_ff, int) else 0, hparams)
 
 
 def _hf_config(path: Path) -> tuple[Path, dict]:
@@ -156,8 +164,8 @@ def read_hf_base(path: Path) -> BaseModel:
         tied = "output.weight" not in tensors
         if n_expert:  # what llama.cpp's converter writes for the experts (checkpoints store them in many layouts)
             tensors.update(_hf_expert_shapes(text, n_layers, n_expert, moe["n_embd"], n_ff_exp))
-        return BaseModel(path, "hf", arch, n_layers, n_head, n_head_kv, tensors, tied, where, **moe)
-    return BaseModel(path, "hf", arch, n_layers, n_head, n_head_kv, tensors, tied, **moe)
+        return BaseModel(path, "hf", arch, n_layers, n_head, n_head_kv, tensors, tied, where, **moe, hparams=dict(text))
+    return BaseModel(path, "hf", arch, n_layers, n_head, n_head_kv, tensors, tied, **moe, hparams=dict(text))
 
 
 def _hf_expert_shapes(text: dict, n_layers: int, n_expert: int, n_embd: int, n_ff: int) -> dict[str, tuple]:

@@ -71,11 +71,16 @@ def convert(
                                                           "tensor where rows are not multiples of 32)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+    text_only: bool = typer.Option(False, "--text-only", help="Convert the language part of a multimodal adapter; "
+                                   "its vision / audio modules (which llama.cpp never adapts) are left out and listed."),
 ) -> None:
     """Convert a PEFT LoRA adapter into a GGUF LoRA for llama.cpp / llama-server / Ollama."""
+    from functools import partial
+
     from .convert import convert as do_convert
 
-    result = _run_with_progress(as_json, do_convert, adapter, base, output, outtype, force)
+    result = _run_with_progress(as_json, partial(do_convert, text_only=text_only), adapter, base, output, outtype,
+                                force)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -87,6 +92,12 @@ def convert(
                    "(rsLoRA / rank_pattern / alpha_pattern)")
     if not result.shapes_validated:
         typer.echo("  note: the base gave no tensor shapes (config.json only); shapes were not checked")
+    _print_left_out(result.left_out)
+
+
+def _print_left_out(left_out: list[str]) -> None:
+    if left_out:
+        typer.echo(f"  left out {len(left_out)} vision / audio modules (--text-only): {', '.join(left_out)}")
 
 
 def _run_with_progress(as_json: bool, fn, *args):
@@ -115,6 +126,7 @@ def _print_merge(result, as_json: bool) -> None:
         typer.echo(f"  note: {len(result.fallbacks)} of {result.tensors} tensors fell back from {fell('wanted')} to "
                    f"{fell('got')}: their rows ({fell('columns')} values) are not a multiple of the type's block, "
                    "as llama-quantize does")
+    _print_left_out(result.left_out)
 
 
 @app.command()
@@ -128,12 +140,16 @@ def merge(
                                                            "mxfp4_moe."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+    text_only: bool = typer.Option(False, "--text-only", help="Merge the language part of multimodal adapters; "
+                                   "their vision / audio modules are left out and listed."),
 ) -> None:
     """Bake adapters into a base GGUF in one streaming pass, typed as llama-quantize would."""
+    from functools import partial
+
     from .merge import merge as do_merge, parse_adapter_arg
 
-    _print_merge(_run_with_progress(as_json, do_merge, base, [parse_adapter_arg(a) for a in adapters], output,
-                                    outtype, force), as_json)
+    _print_merge(_run_with_progress(as_json, partial(do_merge, text_only=text_only), base,
+                                    [parse_adapter_arg(a) for a in adapters], output, outtype, force), as_json)
 
 
 @app.command()

@@ -16,7 +16,7 @@ import numpy as np
 from . import __version__
 from . import typerules
 from .errors import InputError
-from .mapping import PlannedPair, pair_arrays, plan, resolve_base, target_shape, transform_rows  # noqa: F401
+from .mapping import PlannedPair, pair_arrays, plan, resolve_base, target_shape, text_part, transform_rows  # noqa: F401
 from .output import TensorSpec, atomic_output, check_output, write_gguf
 from .quants import encode
 from .peft import load_adapter
@@ -39,6 +39,7 @@ class ConvertResult:
     base: str
     shapes_validated: bool
     folded_scales: list[str] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)  # vision / audio modules skipped (text_only)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,12 +53,16 @@ def tensor_type(shape: tuple[int, ...], outtype: str) -> gguf.GGMLQuantizationTy
 
 
 def convert(adapter: str | Path, base: str | Path | None = None, output: str | Path | None = None,
-            outtype: str = "f16", force: bool = False, progress: Progress | None = None) -> ConvertResult:
-    """Convert a PEFT LoRA folder into a GGUF LoRA for `base`; returns what was written."""
+            outtype: str = "f16", force: bool = False, progress: Progress | None = None,
+            text_only: bool = False) -> ConvertResult:
+    """Convert a PEFT LoRA folder into a GGUF LoRA for `base`; returns what was written.
+
+    text_only: convert the language part of a multimodal adapter and list the vision / audio / projector modules
+    left out (llama.cpp applies no LoRA there); without it such an adapter is refused."""
     outtype = outtype.lower()
     if outtype not in OUTTYPES:
         raise InputError(f"Unknown output type {outtype!r}", "", f"choose one of {', '.join(OUTTYPES)}")
-    peft = load_adapter(adapter)
+    peft, left_out = text_part(load_adapter(adapter)) if text_only else (load_adapter(adapter), [])
     model = resolve_base(peft, base)
     alpha, planned = plan(peft, model)
     out = Path(output) if output else peft.path.parent / f"{peft.path.name}-lora-{outtype}.gguf"
@@ -98,4 +103,5 @@ def convert(adapter: str | Path, base: str | Path | None = None, output: str | P
         output=str(out.resolve()), arch=model.arch.name, tensors=2 * len(planned),
         ranks=sorted({p.rank for p in planned}), alpha=alpha, bytes=out.stat().st_size, outtype=outtype,
         base=str(Path(model.source).resolve()), shapes_validated=model.validates_shapes,
-        folded_scales=sorted({part.pair.module for p in planned for part in p.parts if part.fold != 1.0}))
+        folded_scales=sorted({part.pair.module for p in planned for part in p.parts if part.fold != 1.0}),
+        left_out=left_out)

@@ -15,12 +15,17 @@ pair per GGUF tensor. Between the two lie:
   lora_A (E*r, in) expert-major, lora_B (out, r*E) expert-minor) or per expert (transformers 4 modules);
   both are checked against the base's expert count and sizes, which llama.cpp itself does not check;
 - the scale fold: PEFT's per-module scale folded into B, so that llama.cpp's alpha / rank reproduces it.
+- the families' rules (archs.json): lora_a column transforms (qwen35's value-head reorder of out_proj), fused
+  blocks (a --fuse-qkv base's attn_qkv: q/k/v pairs stacked into one), modules llama.cpp applies no LoRA to
+  (vision and audio towers: refused unless only the text part is asked for; tensors the graph multiplies
+  without a LoRA hook: merge only). Names, shapes and which tensors exist always come from the base.
 
 The same plan serves `convert` (written as a GGUF LoRA), `merge` (baked into the weights) and `inspect`
 (does it fit?), so the three cannot disagree.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,10 +33,57 @@ from typing import Callable
 
 import numpy as np
 
-from .archs import fused_tensors, permute_rows
+from .archs import fused_tensors, permute_rows, reorder_v_heads, shared
 from .base import BaseModel, load_base
 from .errors import AdapterError, BaseMismatchError, GgufLoraError, InputError, UnsupportedError
 from .peft import LoraPair, PeftAdapter
+
+def _v_heads(base: BaseModel) -> tuple[int, int, int, int]:
+    """qwen35's linear attention (key heads, value heads, key head dim, value head dim): from the base GGUF
+    (ssm.group_count, ssm.time_step_rank, ssm.state_size, ssm.inner_size = value dim * value heads, as
+    conversion/qwen.py Qwen3NextModel.set_gguf_parameters writes them) or an HF config."""
+    h = base.hparams
+    try:
+        if "ssm.group_count" in h:
+            nk, nv, dk = int(h["ssm.group_count"]), int(h["ssm.time_step_rank"]), int(h["ssm.state_size"])
+            return nk, nv, dk, int(h["ssm.inner_size"]) // nv
+        return (int(h["linear_num_key_heads"]), int(h["linear_num_value_heads"]), int(h["linear_key_head_dim"]),
+                int(h["linear_value_head_dim"]))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        raise InputError(f"Base {base.source} lacks the linear-attention head counts (ssm.group_count, "
+                         "ssm.time_step_rank, ssm.state_size, ssm.inner_size)", "the value-head order of "
+                         "in_proj_qkv / in_proj_z / in_proj_a / in_proj_b / out_proj depends on them",
+                         "pass the base GGUF written by llama.cpp's convert_hf_to_gguf.py") from None
+
+
+def v_heads_index(n: int, base: BaseModel, head_dim: int | None = None) -> np.ndarray | None:
+    """The value-head reorder of n rows (or columns) of the base's qwen35 linear attention; None where the
+    converter leaves them alone (as many value heads as key heads: conversion/qwen.py checks the same)."""
+    nk, nv, _, dv = _v_heads(base)
+    if nk == nv:
+        return None
+    return reorder_v_heads(n, nk, nv, dv if head_dim is None else head_dim)
+
+
+def v_heads_rows(arr: np.ndarray, base: BaseModel, head_dim: int | None = None) -> np.ndarray:
+    """in_proj_z (value head dim) and in_proj_a / in_proj_b (one row per value head): reorder lora_B rows."""
+    idx = v_heads_index(arr.shape[0], base, head_dim)
+    return arr if idx is None else arr[idx]
+
+
+def v_heads_qkv_rows(arr: np.ndarray, base: BaseModel) -> np.ndarray:
+    """in_proj_qkv: q and k rows (key heads x key head dim each) stay, the value rows after them are reordered."""
+    nk, _, dk, _ = _v_heads(base)
+    qk = 2 * nk * dk
+    idx = v_heads_index(arr.shape[0] - qk, base)
+    return arr if idx is None else np.concatenate([arr[:qk], arr[qk:][idx]])
+
+
+def v_heads_cols(arr: np.ndarray, base: BaseModel) -> np.ndarray:
+    """out_proj: its input columns are value heads, so the reorder falls on lora_A's columns."""
+    idx = v_heads_index(arr.shape[-1], base)
+    return arr if idx is None else arr[..., idx]
+
 
 # Row transforms archs.json may name for a module, applied to lora_B (or any tensor with the module's output
 # rows: DoRA magnitudes, trained weights and biases in a merge). trim_vocab is a cut of the embedding's
@@ -39,7 +91,21 @@ from .peft import LoraPair, PeftAdapter
 ROW_TRANSFORMS: dict[str, Callable[[np.ndarray, BaseModel], np.ndarray]] = {
     "permute_q": lambda arr, base: permute_rows(arr, base.n_head),
     "permute_k": lambda arr, base: permute_rows(arr, base.n_head_kv),
+    "v_heads_rows": v_heads_rows,
+    "v_heads_scalar_rows": lambda arr, base: v_heads_rows(arr, base, head_dim=1),
+    "v_heads_qkv_rows": v_heads_qkv_rows,
 }
+# Transforms of a module's input columns: applied to lora_a (r, in) and to fully trained weights.
+COLUMN_TRANSFORMS: dict[str, Callable[[np.ndarray, BaseModel], np.ndarray]] = {
+    "v_heads_cols": v_heads_cols,
+}
+# Transforms of the stored weight values themselves, for fully trained weights a merge writes (modules_to_save):
+# norm_plus_one: the converter stores (1 + w) for RMSNorms that compute x * (1 + w) (conversion/qwen.py L400).
+VALUE_TRANSFORMS: dict[str, Callable[[np.ndarray, BaseModel], np.ndarray]] = {
+    "norm_plus_one": lambda arr, base: arr + np.float32(1.0),
+}
+# Tensors llama.cpp looks up by token (get_rows): their lora_a is stored (vocab, r).
+EMBEDDINGS = ("token_embd.weight", "per_layer_token_embd.weight")
 
 
 # llama.cpp's expert tensors (every architecture) and, per role, (in, out) in units of (hidden, expert ffn)
@@ -135,7 +201,7 @@ def resolve_base(adapter: PeftAdapter, base: str | Path | None) -> BaseModel:
                 trained_on = load_base(recorded).arch.name
             except GgufLoraError:
                 trained_on = None  # unreadable or unsupported: the pair checks still apply
-            if trained_on and trained_on != model.arch.name:
+            if trained_on and trained_on != model.arch.name and not _converted_as(recorded, model):
                 raise BaseMismatchError(f"Adapter {adapter.path} was trained on {hint} ({trained_on}) but base "
                                         f"{base} is {model.arch.name}", "llama.cpp refuses a LoRA of another "
                                         "architecture, and the numbers would be meaningless anyway",
@@ -149,13 +215,24 @@ def resolve_base(adapter: PeftAdapter, base: str | Path | None) -> BaseModel:
                      "pass --base BASE.gguf (the model you run) or --base HF_MODEL_FOLDER")
 
 
+def _converted_as(hf_folder: Path, base: BaseModel) -> bool:
+    """Whether llama.cpp's converter writes (or once wrote) the HF model in hf_folder as base's architecture:
+    an older GGUF of Mistral Small 3.x says llama where a newer one says mistral3 (archs.json
+    older_hf_architectures). The architecture written into an adapter is always the base GGUF's."""
+    try:
+        cfg = json.loads((hf_folder / "config.json").read_text())
+        return any(base.arch.accepts(a) for a in cfg.get("architectures") or [])
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False
+
+
 def target_shape(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The base tensor shape a pair in llama.cpp's layout fits (token_embd's pair is stored flipped; an
     expert pair (E, r, in) / (E, out, r) fits (E, out, in), and both must agree on E)."""
     if len(a_shape) == 3 or len(b_shape) == 3:
         experts = a_shape[0] if len(a_shape) == 3 and len(b_shape) == 3 and a_shape[0] == b_shape[0] else -1
         return (experts, b_shape[-2], a_shape[-1])
-    return (a_shape[0], b_shape[0]) if name == "token_embd.weight" else (b_shape[0], a_shape[1])
+    return (a_shape[0], b_shape[0]) if name in EMBEDDINGS else (b_shape[0], a_shape[1])
 
 
 def _gguf_name(base: BaseModel, module: str) -> str | None:
@@ -194,7 +271,7 @@ def _linear(pair: LoraPair, base: BaseModel, merging: bool) -> list[_Place]:
     if gguf_name is None:
         raise BaseMismatchError(f"Adapter targets {pair.module}, which has no tensor in a {arch.name} model",
                                 "the adapter was trained on another architecture", "pass the adapter's own base")
-    if pair.embedding != (gguf_name == "token_embd.weight"):
+    if pair.embedding != (gguf_name in EMBEDDINGS):
         raise AdapterError(f"Module {pair.module} has {'embedding' if pair.embedding else 'linear'} LoRA weights "
                            f"but maps to {gguf_name}", "the adapter does not fit this architecture",
                            "pass the adapter's own base")
@@ -202,7 +279,8 @@ def _linear(pair: LoraPair, base: BaseModel, merging: bool) -> list[_Place]:
         raise AdapterError(f"Module {pair.module} stacks {pair.experts} experts' LoRA weights but maps to {gguf_name}, "
                            "which is not an expert tensor", "the adapter does not fit this architecture",
                            "pass the adapter's own base")
-    transforms = arch.transforms.get(leaf, ())
+    refuse_merge_only(pair, gguf_name, arch, merging)
+    transforms = arch.transforms_for(module)
     rows = pair.b_shape[0]
     if base.tensors is not None and gguf_name not in base.tensors and not (gguf_name == "output.weight" and
                                                                           base.tied_embeddings and untie):
@@ -421,14 +499,20 @@ def plan(adapter: PeftAdapter, base: BaseModel, merging: bool = False) -> tuple[
 
     merging: the pairs are baked into the weights, so a tied base is no obstacle where the architecture
     has a slot for a separate output tensor (an lm_head pair then lands on a new output.weight)."""
+    refuse_non_text(adapter)  # first: --text-only also drops a tower's modules_to_save
     if not merging:
         refuse_unsupported(adapter)
     alpha = float(adapter.config["lora_alpha"])
     targets: dict[str, list[_Place]] = {}
+    fused: dict[str, list[tuple[int, LoraPair]]] = {}
     for pair in adapter.pairs.values():
+        if (target := fused_target(pair, base)) is not None:  # a --fuse-qkv base: q/k/v land on attn_qkv
+            fused.setdefault(target[0], []).append((target[1], pair))
+            continue
         for place in _places(adapter, pair, base, merging):
             targets.setdefault(place.target, []).append(place)
     planned = [_assemble(target, places, base, alpha) for target, places in targets.items()]
+    planned.extend(assemble_fused(fused, base, alpha, adapter))
     check_base_copies(adapter, base)
     if not planned:
         raise AdapterError(f"Adapter {adapter.path} holds no LoRA pairs", "", "check the adapter folder")
@@ -453,6 +537,8 @@ def check_base_copies(adapter: PeftAdapter, base: BaseModel) -> None:
             raise BaseMismatchError(f"Adapter carries a copy of {module}, which base {base.source} does not have",
                                     "the adapter was trained on another model", "pass the adapter's own base")
         shape, want_shape = adapter.shape(key), tuple(base.tensors[gguf_name])
+        if _trimmed(base, shape, want_shape):
+            shape = want_shape  # the converter cut the vocabulary to the tokenizer's: compare the rows it kept
         if shape != want_shape:
             raise UnsupportedError(f"Adapter carries {module} of shape {shape}, base {gguf_name} is {want_shape}",
                                    "the vocabulary was resized during training, and a LoRA file cannot add tokens",
@@ -472,10 +558,38 @@ def check_base_copies(adapter: PeftAdapter, base: BaseModel) -> None:
                                    "bake it in with 'gguf-lora merge' instead")
 
 
+def _trimmed(base: BaseModel, shape: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    """An embedding-sized tensor with more rows than the base's, on an arch whose converter trims token_embd to
+    the tokenizer's vocabulary (gemma3 / gemma4: trim_vocab; the tied output is that same tensor)."""
+    trims = any("trim_vocab" in ts for ts in base.arch.transforms.values())
+    return trims and len(shape) == 2 and shape[1:] == want[1:] and shape[0] > want[0]
+
+
 def tensor_order(name: str) -> tuple:
     """llama.cpp's converters write token_embd first, then the blocks in order, then the rest."""
     parts = name.split(".")
     return (0, int(parts[1]), name) if parts[0] == "blk" else (-1 if name.startswith("token") else 1, 0, name)
+
+
+def transform_columns(arr: np.ndarray, transforms: tuple[str, ...], base: BaseModel) -> np.ndarray:
+    """The column transforms the converter applies to a module's inputs (qwen35 out_proj), on lora_a or on a
+    fully trained weight."""
+    for t in transforms:
+        if t in COLUMN_TRANSFORMS:
+            arr = COLUMN_TRANSFORMS[t](arr, base)
+    return arr
+
+
+def transform_weight(arr: np.ndarray, transforms: tuple[str, ...], base: BaseModel) -> np.ndarray:
+    """Everything the converter does to a module's weight (rows, columns of a 2-D weight, stored values):
+    for the fully trained weights a merge writes in place of the base's (modules_to_save)."""
+    arr = transform_rows(arr, transforms, base)
+    if arr.ndim == 2:
+        arr = transform_columns(arr, transforms, base)
+    for t in transforms:
+        if t in VALUE_TRANSFORMS:
+            arr = VALUE_TRANSFORMS[t](arr, base)
+    return arr
 
 
 def transform_rows(arr: np.ndarray, transforms: tuple[str, ...], base: BaseModel) -> np.ndarray:
@@ -500,6 +614,7 @@ def _part_arrays(adapter: PeftAdapter, part: Part, a_rows: int, base: BaseModel)
         if part.rows is not None:
             b = b[:, slice(*part.rows)]
     else:
+        a = transform_columns(a, part.transforms, base)
         b = transform_rows(b, part.transforms, base)
         if part.rows is not None:
             b = b[slice(*part.rows)]
@@ -514,7 +629,8 @@ def pair_arrays(adapter: PeftAdapter, p: PlannedPair, base: BaseModel) -> tuple[
     """lora_a and lora_b in llama.cpp's layout, float32, every transform and the scale fold applied (for
     experts: (E, r, in) and (E, out, r))."""
     first = p.parts[0]
-    if len(p.parts) == 1 and first.rows is None and not first.offset and first.expert is None:
+    if (len(p.parts) == 1 and first.rows is None and not first.offset and first.expert is None
+            and first.pair.b_shape[0] == p.b_shape[-2]):  # one module onto all of its tensor's rows
         a, b = _part_arrays(adapter, first, p.a_shape[0], base)
         return np.ascontiguousarray(a, dtype=np.float32), np.ascontiguousarray(b, dtype=np.float32)
     a = np.zeros(p.a_shape, np.float32)
@@ -535,16 +651,16 @@ def replacement_target(module: str, base: BaseModel) -> tuple[str, tuple[str, ..
     arch = base.arch
     module = arch.normalize_module(module)
     leaf = module.rsplit(".", 1)[-1]
-    if leaf not in arch.lora_targets:
+    if leaf not in arch.lora_targets | arch.replaceable:
         raise UnsupportedError(f"Adapter fully trains {module} (modules_to_save)", "gguf-lora merges trained "
-                               f"weights only for {', '.join(sorted(arch.lora_targets))}, whose GGUF layout it knows",
-                               "merge it in PyTorch (merge_and_unload) and convert the model")
+                               f"weights only for {', '.join(sorted(arch.lora_targets | arch.replaceable))}, whose "
+                               "GGUF layout it knows", "merge it in PyTorch (merge_and_unload) and convert the model")
     name = "output.weight" if leaf == "lm_head" else _gguf_name(base, module)
     if leaf in ("lm_head", "embed_tokens") and base.tied_embeddings and not arch.output_slot:
         raise UnsupportedError(f"Adapter fully trains {module}, and {arch.name} always ties its output projection "
                                "to token_embd in llama.cpp", "PEFT changes only one of them",
                                "retrain without embed_tokens / lm_head in modules_to_save")
-    return name, arch.transforms.get(leaf, ())
+    return name, arch.transforms_for(module)
 
 
 def bias_target(module: str, base: BaseModel) -> tuple[str, tuple[str, ...]]:
@@ -557,4 +673,133 @@ def bias_target(module: str, base: BaseModel) -> tuple[str, tuple[str, ...]]:
         raise UnsupportedError(f"Adapter trains a bias for {module}", f"{arch.name} in llama.cpp has no bias for "
                                f"{name or 'that module'}, so the merged model cannot carry it",
                                "retrain with bias='none' and lora_bias=False for that module")
-    return name, arch.transforms.get(module.rsplit(".", 1)[-1], ())
+    return name, arch.transforms_for(module)
+
+
+def _stem(gguf_name: str) -> str:
+    """blk.3.shortconv.in_proj.weight -> shortconv.in_proj; per_layer_model_proj.weight -> per_layer_model_proj."""
+    parts = gguf_name.rsplit(".", 1)[0].split(".")
+    return ".".join(parts[2:] if parts[0] == "blk" else parts)
+
+
+def refuse_merge_only(pair: LoraPair, gguf_name: str, arch, merging: bool) -> None:
+    """llama.cpp loads a pair for a tensor its graph multiplies without a LoRA hook and never applies it."""
+    if not merging and _stem(gguf_name) in arch.merge_only:
+        raise UnsupportedError(f"Adapter targets {pair.module} ({gguf_name}), which llama.cpp's {arch.name} graph "
+                               "uses without a LoRA hook", "llama.cpp would load the pair and silently never apply it",
+                               "bake it in with 'gguf-lora merge', or retrain without that module")
+
+
+def _tower(module: str) -> str:
+    parts = set(module.split("."))
+    if any("audio" in p for p in parts & shared().non_text_modules):
+        return "audio encoder"
+    if any("projector" in p for p in parts & shared().non_text_modules):
+        return "multimodal projector"
+    return "vision encoder"
+
+
+def non_text_modules(adapter: PeftAdapter) -> list[str]:
+    """The adapter's modules (and other tensors) in vision, audio or projector towers (archs.json _shared)."""
+    rule = shared()
+    names = [*adapter.pairs, *adapter.base_copies, *adapter.others]
+    return sorted({n for n in names if rule.non_text(n)})
+
+
+def refuse_non_text(adapter: PeftAdapter) -> None:
+    """llama.cpp applies LoRA to the language model only: tools/mtmd (vision and audio encoders, projectors) has
+    none. Transformers names the vision MLP like the text one, so target lists catch it: refuse by name."""
+    found = non_text_modules(adapter)
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise UnsupportedError(f"LoRA on {found[0]}{more}: llama.cpp's {_tower(found[0])} takes no LoRA",
+                               "llama.cpp applies adapters to the language model only (tools/mtmd has no LoRA), so "
+                               "that part of the adapter would silently do nothing", "pass --text-only (text_only=True)"
+                               " to convert the language part and list what is left out, or retrain with "
+                               "target_modules limited to the language model")
+
+
+def text_part(adapter: PeftAdapter) -> tuple[PeftAdapter, list[str]]:
+    """The adapter without its vision / audio / projector modules, and what was left out."""
+    left = non_text_modules(adapter)
+    if not left:
+        return adapter, []
+    gone = set(left)
+    kept = replace(adapter, pairs={m: p for m, p in adapter.pairs.items() if m not in gone},
+                   others=[k for k in adapter.others if k not in gone],
+                   base_copies={m: k for m, k in adapter.base_copies.items() if m not in gone})
+    return kept, left
+
+
+def fused_target(pair: LoraPair, base: BaseModel) -> tuple[str, int] | None:
+    """(fused GGUF tensor, block index) where the base holds this module's tensor fused with others (archs.json
+    _shared.fused_blocks, e.g. attn_q of a --fuse-qkv base inside attn_qkv); None otherwise."""
+    if base.tensors is None or pair.embedding:
+        return None
+    module = base.arch.normalize_module(pair.module)
+    if module.rsplit(".", 1)[-1] not in base.arch.lora_targets:
+        return None
+    name = _gguf_name(base, module)
+    if name is None or name in base.tensors or not name.startswith("blk."):
+        return None
+    block, stem = ".".join(name.split(".")[:2]), _stem(name)
+    for fused, members in shared().fused_blocks.items():
+        if stem in members and f"{block}.{fused}.weight" in base.tensors:
+            return f"{block}.{fused}.weight", members.index(stem)
+    return None
+
+
+def _block_rows(fused_name: str, members: tuple[str, ...], base: BaseModel,
+                known: dict[int, int]) -> list[int]:
+    """Rows of each block of a fused tensor: the adapter's own B rows where it adapts the member, else from the
+    base's head counts (attn_qkv: k = head_count_kv x key_length, v = head_count_kv x value_length, q the rest,
+    which also covers a gated q of twice the width as qwen35's)."""
+    total = base.tensors[fused_name][0]
+    if len(known) == len(members):
+        return [known[i] for i in range(len(members))]
+    h = base.hparams
+    head_k = h.get("attention.key_length") or base.tensors[fused_name][1] // max(base.n_head, 1)
+    head_v = h.get("attention.value_length") or head_k
+    if members == ("attn_q", "attn_k", "attn_v") and isinstance(base.n_head_kv, int):
+        k, v = base.n_head_kv * int(head_k), base.n_head_kv * int(head_v)
+        return [total - k - v, k, v]
+    raise BaseMismatchError(f"Base {base.source} holds {fused_name} fused, and the adapter does not adapt every part "
+                            "of it", "the size of each part is not known", "adapt all of its parts, or pass a base "
+                            "converted without fused tensors")
+
+
+def assemble_fused(groups: dict[str, list[tuple[int, LoraPair]]], base: BaseModel, alpha: float,
+                   adapter: PeftAdapter) -> list[PlannedPair]:
+    """One GGUF pair per fused tensor: lora_a = the members' A stacked along the rank, lora_b block-diagonal (each
+    member's B at its block's rows and its own rank columns), every block's scale folded against the combined rank
+    that llama.cpp divides alpha by. Transforms (q/k permutation) apply per block, as the converter applies them
+    before fusing (conversion/base.py modify_tensors)."""
+    out = []
+    magnitudes = adapter.magnitudes()
+    for fused_name, found in sorted(groups.items()):
+        members = next(m for f, m in shared().fused_blocks.items() if fused_name.endswith(f".{f}.weight"))
+        found = sorted(found, key=lambda item: item[0])
+        dora = [p.module for _, p in found if p.module in magnitudes]
+        if dora:
+            raise UnsupportedError(f"Adapter uses DoRA on {dora[0]}, which base {base.source} holds fused in "
+                                   f"{fused_name}", "DoRA's row norms would have to be taken over the fused tensor",
+                                   "merge it in PyTorch (merge_and_unload), or pass a base without fused tensors")
+        rows = _block_rows(fused_name, members, base, {i: p.b_shape[0] for i, p in found})
+        want = base.tensors[fused_name]
+        if sum(rows) != want[0] or any(p.a_shape[1] != want[1] for _, p in found):
+            raise BaseMismatchError(f"Adapter modules {', '.join(p.module for _, p in found)} have shapes that do not "
+                                    f"fit base tensor {fused_name} {tuple(want)}", "the adapter was trained on another "
+                                    "model size", "pass the adapter's own base")
+        for i, p in found:
+            if p.b_shape[0] != rows[i]:
+                raise BaseMismatchError(f"Adapter module {p.module} has {p.b_shape[0]} output rows but its part of "
+                                        f"{fused_name} has {rows[i]}", "the adapter was trained on another model",
+                                        "pass the adapter's own base")
+        rank = sum(p.rank for _, p in found)
+        parts, rank_offset = [], 0
+        for i, p in found:
+            transforms = base.arch.transforms_for(base.arch.normalize_module(p.module))
+            parts.append(Part(p, transforms, _fold(p.scale, alpha, rank), None, sum(rows[:i]), rank_offset))
+            rank_offset += p.rank
+        out.append(PlannedPair(fused_name, tuple(parts), (rank, want[1]), (want[0], rank)))
+    return out

@@ -18,7 +18,8 @@ import numpy as np
 from . import __version__
 from .base import BaseModel, is_gguf, read_gguf_base
 from .convert import Progress
-from .mapping import bias_target, pair_arrays, plan, replacement_target, target_shape, transform_rows
+from .mapping import (EMBEDDINGS, bias_target, pair_arrays, plan, refuse_non_text, replacement_target, target_shape,
+                      text_part, transform_rows, transform_weight)
 from .gguf_read import GGUFFile, general_type
 from .llama_cpp import convert_hf_hint
 from .errors import AdapterError, BaseMismatchError, InputError, UnsupportedError
@@ -57,6 +58,7 @@ class MergeResult:
     # tensors whose rows the planned type's block does not divide, so they got another (llama-quantize's
     # tensor_type_fallback, which warns "N of M tensor(s) required fallback quantization")
     fallbacks: list[dict] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)  # vision / audio modules skipped (text_only)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,8 +107,14 @@ def _gguf_lora(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, lis
     return out, sha256_file(path)
 
 
-def _peft(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, list[Contribution]], str]:
+def _peft(path: Path, scale: float, base: BaseModel, text_only: bool = False,
+          left_out: list[str] | None = None) -> tuple[dict[str, list[Contribution]], str]:
     adapter = load_adapter(path)
+    if text_only:
+        adapter, skipped = text_part(adapter)
+        if left_out is not None:
+            left_out.extend(skipped)
+    refuse_non_text(adapter)  # before anything else: a tower's modules_to_save is not ours to judge
     features = adapter.unsupported_features(merging=True)
     if features:
         feature, names = features[0]
@@ -119,7 +127,7 @@ def _peft(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, list[Con
         if adapter.shape(key) != tuple(want):
             raise BaseMismatchError(f"Adapter's trained {module} has shape {adapter.shape(key)}, base {name} is "
                                     f"{tuple(want)}", "the adapter is for another model", "pass the adapter's own base")
-        load = lambda key=key, t=transforms: transform_rows(adapter.read(key), t, base)  # noqa: E731
+        load = lambda key=key, t=transforms: transform_weight(adapter.read(key), t, base)  # noqa: E731
         out[name].append(Contribution(path.name, replace=load))
     lora_bias, trained_bias = adapter.biases()
     for module, key in {**trained_bias, **lora_bias}.items():
@@ -186,7 +194,7 @@ def prepare(name: str, c: Contribution) -> Prepared:
     a, b = c.load()
     with np.errstate(over="ignore", invalid="ignore"):  # an absurd scale is reported as NaN/Inf per tensor
         b = b * np.float32(c.factor)
-    return Prepared(a, b, name == "token_embd.weight", c.magnitude() if c.magnitude else None)
+    return Prepared(a, b, name in EMBEDDINGS, c.magnitude() if c.magnitude else None)  # lora_a's rows: the embedding's
 
 
 def apply_rows(w: np.ndarray, sl: slice, p: Prepared) -> np.ndarray:
@@ -203,8 +211,11 @@ def apply_rows(w: np.ndarray, sl: slice, p: Prepared) -> np.ndarray:
 
 
 def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: str | Path, outtype: str = "same",
-          force: bool = False, progress: Progress | None = None) -> MergeResult:
-    """Bake adapters (PEFT folders or GGUF LoRAs, each with a scale) into base and write it as outtype."""
+          force: bool = False, progress: Progress | None = None, text_only: bool = False) -> MergeResult:
+    """Bake adapters (PEFT folders or GGUF LoRAs, each with a scale) into base and write it as outtype.
+
+    text_only: leave out an adapter's vision / audio / projector modules (the merged file is the language model;
+    llama.cpp's encoders live in the mmproj file) instead of refusing them; they are listed in the result."""
     outtype = outtype.lower()  # Q4_K_M, as llama-quantize spells it, is q4_k_m
     if outtype != "same" and outtype not in OUTTYPES:
         raise InputError(f"Unknown output type {outtype!r}", "", f"choose one of same, {', '.join(OUTTYPES)}")
@@ -219,12 +230,13 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: st
 
     contributions: dict[str, list[Contribution]] = defaultdict(list)
     provenance = []
+    left_out: list[str] = []
     for path, scale in adapters:
         path = Path(path)
         if path.is_file() and is_gguf(path):
             contrib, digest = _gguf_lora(path, scale, model)
         else:
-            contrib, digest = _peft(path, scale, model)
+            contrib, digest = _peft(path, scale, model, text_only, left_out)
         for name, cs in contrib.items():
             contributions[name].extend(cs)
         # the result names the adapter by absolute path; the file records its name, so that the bytes written
@@ -337,7 +349,7 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: st
                        sum(s.name in contributions for s in specs), provenance,
                        dict(Counter(s.qtype.name for s in specs)), out.stat().st_size,
                        [{"tensor": n, "wanted": w.name, "got": g.name, "columns": shapes[n][-1]}
-                        for n, w, g in fallbacks])
+                        for n, w, g in fallbacks], left_out)
 
 
 def quantize(source: str | Path, output: str | Path, outtype: str, force: bool = False,

@@ -29,10 +29,12 @@ runpy.run_path(src + "/convert_hf_to_gguf.py", run_name="__main__")
 """
 
 
-def hf_to_gguf(hf_folder: Path, out: Path, outtype: str = "f32", spm_vocab: bool = False) -> Path:
+def hf_to_gguf(hf_folder: Path, out: Path, outtype: str = "f32", spm_vocab: bool = False,
+               extra: tuple[str, ...] = ()) -> Path:
+    """extra: converter flags, e.g. --fuse-qkv or --no-mtp."""
     script = find_source_file("convert_hf_to_gguf.py")
     cmd = [sys.executable, "-c", _SPM_VOCAB, str(script.parent)] if spm_vocab else [sys.executable, str(script)]
-    proc = subprocess.run(cmd + [str(hf_folder), "--outfile", str(out), "--outtype", outtype],
+    proc = subprocess.run(cmd + [str(hf_folder), "--outfile", str(out), "--outtype", outtype, *extra],
                           capture_output=True, text=True)
     assert proc.returncode == 0, f"convert_hf_to_gguf.py failed:\n{proc.stderr[-3000:]}"
     return out

@@ -109,11 +109,13 @@ def load_base_model(folder: Path) -> torch.nn.Module:
 
 
 def make_adapter(base_folder: Path, folder: Path, seed: int = 1, dtype: torch.dtype = torch.float32,
-                 **lora) -> Path:
-    """Train nothing: a PEFT LoRA with random A and B on the base, saved with save_pretrained."""
+                 load=None, **lora) -> Path:
+    """Train nothing: a PEFT LoRA with random A and B on the base, saved with save_pretrained.
+
+    load: how to load the base from its folder (default AutoModelForCausalLM; multimodal classes need theirs)."""
     from peft import LoraConfig, get_peft_model
 
-    model = load_base_model(base_folder)
+    model = (load or load_base_model)(base_folder)
     torch.manual_seed(seed)
     lora = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "init_lora_weights": False, **lora}
     peft_model = get_peft_model(model, LoraConfig(**lora))
