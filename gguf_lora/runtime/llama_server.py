@@ -131,7 +131,7 @@ class LlamaServer:
         if adapters:
             body["lora"] = [{"id": i, "scale": s} for i, s in self.scales(adapter, adapters).items()]
         elif adapter not in (None, {}, [], ()):
-            raise InputError(f"adapter {adapter!r} was asked for, but the server at {self.url} has none loaded",
+            raise InputError(f"Adapter {adapter!r} was asked for, but the server at {self.url} has none loaded",
                              "llama-server loads adapters only at start-up (--lora)",
                              "restart it with the adapters (gguf-lora serve --adapters DIR)")
         body.setdefault("cache_prompt", self.prompt_cache)
@@ -156,10 +156,10 @@ def _find(adapters: list[Adapter], key: str | int) -> Adapter:
         hit = [a for a in adapters if key in (a.name, a.path)] or [a for a in adapters if Path(a.path).name == key]
     names = ", ".join(a.name for a in adapters) or "none"
     if not hit:
-        raise InputError(f"no adapter named {key!r} on the server", f"it has: {names}",
+        raise InputError(f"No adapter named {key!r} on the server", f"it has: {names}",
                          "use one of those names (gguf-lora adapters list)")
     if len(hit) > 1:
-        raise InputError(f"adapter name {key!r} is ambiguous", "; ".join(f"id {a.id}: {a.path}" for a in hit),
+        raise InputError(f"Adapter name {key!r} is ambiguous", "; ".join(f"id {a.id}: {a.path}" for a in hit),
                          "address it by its path or id")
     return hit[0]
 
@@ -176,7 +176,7 @@ def adapter_files(adapters: str | Path | Iterable[str | Path]) -> list[Path]:
                                  "general.type=adapter", "convert adapters into it (gguf-lora convert ... -o DIR/NAME.gguf)")
             files += found
         elif not item.is_file():
-            raise InputError(f"adapter {item} does not exist", "", "check the path")
+            raise InputError(f"Adapter {item} does not exist", "", "check the path")
         elif general_type(item) != "adapter":
             raise InputError(f"{item} is not a GGUF LoRA adapter", "its general.type is not 'adapter'",
                              "pass adapters converted with gguf-lora convert")
@@ -185,7 +185,7 @@ def adapter_files(adapters: str | Path | Iterable[str | Path]) -> list[Path]:
     stems = [p.stem for p in files]
     dupes = sorted({s for s in stems if stems.count(s) > 1})
     if dupes:
-        raise InputError(f"two adapters are named {dupes[0]!r}", "adapters are addressed by file name",
+        raise InputError(f"Two adapters are named {dupes[0]!r}", "adapters are addressed by file name",
                          "rename one of them")
     return files
 
@@ -221,7 +221,7 @@ class ManagedServer:
                  ready_timeout: float = 120.0, scales: Selection = ()):
         self.base = Path(base)
         if not self.base.is_file():
-            raise InputError(f"base model {self.base} does not exist", "", "pass the base GGUF the adapters were "
+            raise InputError(f"Base model {self.base} does not exist", "", "pass the base GGUF the adapters were "
                              "converted for")
         self.adapters = adapter_files(adapters) if adapters else []
         self.extra_args = list(extra_args)
@@ -330,7 +330,7 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as e:
-            raise InputError(f"cannot listen on {host}:{port}", e.strerror or str(e),
+            raise InputError(f"Cannot listen on {host}:{port}", e.strerror or str(e),
                              "pass another --port (or stop what uses it)") from None
 
 
