@@ -5,7 +5,6 @@ numpy order (rows first) under GGUF tensor names.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,9 @@ import numpy as np
 
 from .archs import Arch, arch_for_hf, archs
 from .gguf_read import GGUFFile
-from .errors import InputError, UnsupportedError
+from .errors import InputError, UnsupportedError, shorten
 from .safetensors_io import SafetensorsFile
+from .validate import checked, load_json_object
 
 GGUF_MAGIC = b"GGUF"
 
@@ -69,40 +69,62 @@ def _supported(arch_name: str, source: Path) -> Arch:
     return spec
 
 
-def _field(reader: GGUFFile, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    value = f.contents()
-    return value
+MAX_LAYERS = 512  # LLAMA_MAX_LAYERS: llama.cpp loads no model with more blocks
+
+
+def _check_heads(source: Path, arch: Arch, n_layers: int, n_head: int, n_head_kv: int,
+                 tensors: dict[str, tuple[int, ...]] | None, keys: tuple[str, str, str]) -> None:
+    """Counts in range and consistent with each other and with the q/k rows the permutation splits."""
+    fix = "convert the base again with llama.cpp's convert_hf_to_gguf.py"
+    if not 1 <= n_layers <= MAX_LAYERS:
+        raise InputError(f"Base {source} has {keys[0]} = {n_layers}", f"llama.cpp loads 1 to {MAX_LAYERS} blocks", fix)
+    if n_head_kv > n_head or n_head % n_head_kv:
+        raise InputError(f"Base {source} has {keys[1]} = {n_head} and {keys[2]} = {n_head_kv}",
+                         "the key/value heads must divide the attention heads", fix)
+    permutes = {t for ts in arch.transforms.values() for t in ts}
+    if tensors is None:
+        return
+    for i in range(n_layers):
+        for leaf, heads, key in (("attn_q", n_head, keys[1]), ("attn_k", n_head_kv, keys[2])):
+            shape = tensors.get(f"blk.{i}.{leaf}.weight")
+            if shape and f"permute_{leaf[-1]}" in permutes and shape[0] % (2 * heads):
+                raise InputError(f"Base {source}: blk.{i}.{leaf}.weight has {shape[0]} rows, which {key} = {heads} "
+                                 "heads do not split into even halves", "the head count does not match the weights",
+                                 fix)
 
 
 def read_gguf_base(path: Path) -> BaseModel:
-    try:
-        reader = GGUFFile(path)
-    except Exception as e:  # gguf-py raises ValueError/struct errors/... on damaged files
-        raise InputError(f"{path} is not a readable GGUF file ({e})", "the file is damaged or truncated",
-                         "download or convert the base model again") from None
-    gtype = _field(reader, "general.type", "model")
+    reader = GGUFFile(path)  # a damaged or truncated file is a GGUFError naming it
+    gtype = reader.get("general.type", "str", "model")
     if gtype == "adapter":
         raise InputError(f"{path} is a GGUF LoRA adapter, not a base model", "",
                          "pass the model GGUF that the adapter was trained on")
-    arch_name = _field(reader, "general.architecture")
+    arch_name = reader.get("general.architecture", "str", None)
     if not arch_name:
         raise InputError(f"{path} has no general.architecture", "it is not a llama.cpp model file",
                          "convert the base with llama.cpp's convert_hf_to_gguf.py")
     arch = _supported(arch_name, path)
-    if _field(reader, "split.count", 1) and int(_field(reader, "split.count", 1)) > 1:
+    if reader.get("split.count", "int", 1) > 1:
         raise InputError(f"{path} is one part of a split GGUF", "a split model's tensors lie in several files",
                          "merge it first with llama-gguf-split --merge")
-    n_layers = int(_field(reader, f"{arch_name}.block_count"))
-    n_head = _field(reader, f"{arch_name}.attention.head_count")
-    n_head_kv = _field(reader, f"{arch_name}.attention.head_count_kv", n_head)
+    n_layers = reader.get(f"{arch_name}.block_count", "int")
+    n_head = reader.get(f"{arch_name}.attention.head_count", "int|ints")
+    n_head_kv = reader.get(f"{arch_name}.attention.head_count_kv", "int|ints", n_head)
     if isinstance(n_head, list) or isinstance(n_head_kv, list):
         raise UnsupportedError(f"{path} has per-layer head counts", "the q/k permutation needs one head count",
                                "open an issue with the model name")
+    if n_head < 1 or n_head_kv < 1:
+        raise InputError(f"Base {path} has {n_head} attention heads and {n_head_kv} key/value heads",
+                         "a transformer has at least one of each",
+                         "convert the base again with llama.cpp's convert_hf_to_gguf.py")
     tensors = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
-    return BaseModel(path, "gguf", arch, n_layers, int(n_head), int(n_head_kv or n_head), tensors,
+    if "token_embd.weight" not in tensors:
+        raise InputError(f"Base {path} has no token_embd.weight", "every model llama.cpp runs has one; this file "
+                         "is incomplete or not a model", "convert the base again with llama.cpp's convert_hf_to_gguf.py")
+    _check_heads(path, arch, n_layers, n_head, n_head_kv, tensors,
+                 (f"{arch_name}.block_count", f"{arch_name}.attention.head_count",
+                  f"{arch_name}.attention.head_count_kv"))
+    return BaseModel(path, "gguf", arch, n_layers, n_head, n_head_kv, tensors,
                      "output.weight" not in tensors, reader)
 
 
@@ -111,39 +133,47 @@ def _hf_config(path: Path) -> tuple[Path, dict]:
     if not cfg_path.is_file():
         raise InputError(f"{path} has no config.json", "a Hugging Face model folder holds one",
                          "pass the base model's GGUF file or its Hugging Face folder")
-    try:
-        return cfg_path, json.loads(cfg_path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"{cfg_path} is not valid JSON ({e})", "", "pass an intact config.json") from None
+    return cfg_path, load_json_object(cfg_path, InputError, "pass the base model's intact config.json")
 
 
 def read_hf_base(path: Path) -> BaseModel:
     cfg_path, cfg = _hf_config(path)
-    hf_arch = (cfg.get("architectures") or [None])[0]
+    fix = "pass the base model's intact config.json"
+    names = checked(cfg, "architectures", "str|strs", cfg_path, default=[], fix=fix)
+    hf_arch = names if isinstance(names, str) else (names[0] if names else None)  # a string names one
     arch = arch_for_hf(hf_arch) if hf_arch else None
     if arch is None:
-        raise UnsupportedError(f"Base {cfg_path} has architecture {hf_arch!r}, which gguf-lora does not convert yet",
+        said = f"architecture {shorten(hf_arch)!r}" if hf_arch else "no architectures entry"
+        raise UnsupportedError(f"Base {cfg_path} has {said}, which gguf-lora does not convert yet",
                                "supported: " + ", ".join(a for s in archs().values() for a in s.hf_architectures),
                                "open an issue with the model name")
-    text = cfg.get("text_config") or cfg
-    n_layers = int(text["num_hidden_layers"])
-    n_head = int(text["num_attention_heads"])
-    n_head_kv = int(text.get("num_key_value_heads") or n_head)
-    tied = bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", True)))
+    text = checked(cfg, "text_config", "dict", cfg_path, default=cfg, fix=fix) or cfg
+    where = "text_config." if text is not cfg else ""
+    n_layers = checked(text, "num_hidden_layers", "int>0", cfg_path, fix=fix, shown=where + "num_hidden_layers")
+    n_head = checked(text, "num_attention_heads", "int>0", cfg_path, fix=fix, shown=where + "num_attention_heads")
+    n_head_kv = checked(text, "num_key_value_heads", "int>0", cfg_path, default=n_head, fix=fix,
+                      shown=where + "num_key_value_heads")
+    tied = checked(cfg, "tie_word_embeddings", "bool", cfg_path, fix=fix,
+                 default=checked(text, "tie_word_embeddings", "bool", cfg_path, default=True, fix=fix,
+                               shown=where + "tie_word_embeddings"))
+    keys = (where + "num_hidden_layers", where + "num_attention_heads", where + "num_key_value_heads")
     tensors = None
     folder = cfg_path.parent
     files = sorted(folder.glob("*.safetensors")) if path.is_dir() else []
     if files:
+        _check_heads(cfg_path, arch, n_layers, n_head, n_head_kv, None, keys)
         name_map = arch.name_map(n_layers)
-        tensors, where = {}, {}
+        tensors, where_ = {}, {}
         for f in files:
             for name, e in SafetensorsFile(f).entries.items():
                 gguf_name = name_map.get_name(arch.normalize_module(name), try_suffixes=(".weight", ".bias"))
                 if gguf_name:
                     tensors[gguf_name] = e.shape
-                    where[gguf_name] = (f, name)
+                    where_[gguf_name] = (f, name)
+        _check_heads(cfg_path, arch, n_layers, n_head, n_head_kv, tensors, keys)
         tied = "output.weight" not in tensors
-        return BaseModel(path, "hf", arch, n_layers, n_head, n_head_kv, tensors, tied, where)
+        return BaseModel(path, "hf", arch, n_layers, n_head, n_head_kv, tensors, tied, where_)
+    _check_heads(cfg_path, arch, n_layers, n_head, n_head_kv, None, keys)
     return BaseModel(path, "hf", arch, n_layers, n_head, n_head_kv, tensors, tied)
 
 
