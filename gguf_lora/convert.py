@@ -215,6 +215,11 @@ def transform_rows(arr: np.ndarray, transforms: tuple[str, ...], base: BaseModel
     """The row transforms the converter applies to a module's output rows (q/k permutation), on lora_b,
     or on any full tensor with those rows (DoRA magnitudes, trained weights and biases in a merge)."""
     for t in transforms:
+        heads = base.n_head if t == "permute_q" else base.n_head_kv if t == "permute_k" else None
+        if heads is not None and arr.shape[0] % (2 * heads):  # a bare config.json gave no shapes to check
+            raise BaseMismatchError(f"A tensor with {arr.shape[0]} rows cannot be split into {heads} heads of two "
+                                    "halves (the q/k permutation)", f"base {base.source} does not describe this "
+                                    "adapter's attention", "pass the adapter's own base, as a GGUF or HF folder")
         if t == "permute_q":
             arr = permute_rows(arr, base.n_head)
         elif t == "permute_k":
