@@ -15,6 +15,8 @@ from typing import Callable
 import gguf
 import numpy as np
 
+from . import finite
+
 Q = gguf.GGMLQuantizationType
 QK_K = 256
 GROUP_MAX_EPS = np.float32(1e-15)
@@ -404,7 +406,9 @@ def encode_rows(shape: tuple[int, ...], qtype: Q, rows: Callable[[slice], np.nda
 
     def one(i: int) -> np.ndarray:
         block = np.ascontiguousarray(rows(slice(i, min(i + step, n_rows))), dtype=np.float32)
-        return _encode_rows(block.reshape(-1, n_cols), qtype).view(np.uint8).reshape(block.shape[0], -1)
+        out = _encode_rows(block.reshape(-1, n_cols), qtype)
+        finite.check(out, qtype, block)  # after the conversion: a finite float32 can overflow the type
+        return out.view(np.uint8).reshape(block.shape[0], -1)
 
     if n_rows <= step:
         parts = [one(0)]
