@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -70,12 +71,47 @@ def convert(
 def _run_with_progress(as_json: bool, fn, *args):
     bar, update = _progress(not as_json)
     try:
-        if bar:
-            with bar:
-                return fn(*args, progress=update)
-        return fn(*args)
+        with _interruptible():
+            if bar:
+                with bar:
+                    return fn(*args, progress=update)
+            return fn(*args)
     except GgufLoraError as e:
         _fail(e)
+
+
+@contextmanager
+def _interruptible():
+    """SIGTERM (systemd, `timeout`, CI cancellation) and SIGHUP (a closed terminal) stop a command exactly as
+    Ctrl-C does: Interrupted is raised in the main thread, every cleanup runs (the temporary output file is
+    removed), and the exit code is 128 + the signal number. A second signal during the cleanup is ignored,
+    so the cleanup itself cannot be cut short."""
+    import signal
+    import threading
+
+    from .errors import Interrupted
+
+    caught: list[int] = []
+
+    def handler(signum, frame):
+        if not caught:
+            caught.append(signum)
+            raise Interrupted(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        typer.echo(f"error: Interrupted by {signal.Signals(signum).name}. Nothing was written (no partial file is "
+                   "left); run the command again.", err=True)
+        raise typer.Exit(128 + signum) from None
+    finally:
+        for sig, old_handler in previous.items():
+            signal.signal(sig, old_handler)
 
 
 def _print_merge(result, as_json: bool) -> None:
@@ -103,8 +139,11 @@ def merge(
     """Bake adapters into a base GGUF in one streaming pass, typed as llama-quantize would."""
     from .merge import merge as do_merge, parse_adapter_arg
 
-    _print_merge(_run_with_progress(as_json, do_merge, base, [parse_adapter_arg(a) for a in adapters], output,
-                                    outtype, force), as_json)
+    try:
+        pairs = [parse_adapter_arg(a) for a in adapters]
+    except GgufLoraError as e:
+        _fail(e)
+    _print_merge(_run_with_progress(as_json, do_merge, base, pairs, output, outtype, force), as_json)
 
 
 @app.command()
@@ -278,8 +317,9 @@ def deploy(
 
     say = None if as_json else (lambda msg: typer.echo(msg, err=True))
     try:
-        result = do_deploy(adapter, base, name, client=Ollama(url), scale=scale, outtype=outtype, prompts=prompts,
-                           store=store, progress=say, merged=merge)
+        with _interruptible():  # its temporary folder (a converted or merged model) is removed on any signal
+            result = do_deploy(adapter, base, name, client=Ollama(url), scale=scale, outtype=outtype,
+                               prompts=prompts, store=store, progress=say, merged=merge)
     except AdapterIgnoredError as e:
         if as_json and e.result is not None:
             typer.echo(json.dumps({**e.result.to_dict(), "error": str(e)}, indent=2))
@@ -321,7 +361,8 @@ def modelfile(
                 parameters = {"stop": derived.stop, **parameters}
         text = make(from_, adapter, template=template, system=system, parameters=parameters or None,
                     folder=output.resolve().parent)
-        out = write_modelfile(output, text, force)
+        with _interruptible():
+            out = write_modelfile(output, text, force)
     except GgufLoraError as e:
         _fail(e)
     typer.echo(f"wrote {out}")
@@ -336,4 +377,13 @@ def main() -> None:
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="blas"):
-        app()
+        try:
+            app()
+        except Exception as e:  # a bug, not bad input (those are GgufLoraErrors): still one line, no traceback
+            if os.environ.get("GGUF_LORA_DEBUG"):
+                raise
+            from .errors import one_line
+
+            typer.echo(f"error: internal error ({one_line(f'{type(e).__name__}: {e}')}). This is a bug in gguf-lora; "
+                       "run again with GGUF_LORA_DEBUG=1 and report the traceback.", err=True)
+            sys.exit(1)

@@ -10,13 +10,11 @@ from .gguf_read import GGUFFile
 from .errors import GgufLoraError, InputError
 from .convert import plan, resolve_base, target_shape
 from .peft import PeftAdapter, load_adapter
+from .validate import usable_path
 
 
 def _gguf_report(path: Path) -> dict[str, Any]:
-    try:
-        reader = GGUFFile(path)
-    except Exception as e:
-        raise InputError(f"{path} is not a readable GGUF file ({e})", "the file is damaged or truncated", "") from None
+    reader = GGUFFile(path)  # damaged or truncated: a GGUFError naming the file and the place
     meta: dict[str, Any] = {}
     for key, f in reader.fields.items():
         if key.startswith("GGUF."):
@@ -33,12 +31,12 @@ def _gguf_report(path: Path) -> dict[str, Any]:
                                                                     else "model"),
                               "arch": meta.get("general.architecture"), "metadata": meta, "tensors": tensors}
     if report["kind"] == "gguf-adapter":
-        alpha = float(meta.get("adapter.lora.alpha", 0.0))
+        alpha = float(reader.get("adapter.lora.alpha", "float", 0.0))
         shapes = {t["name"]: t["shape"] for t in tensors}
         report["pairs"] = [
             {"tensor": name[: -len(".lora_b")], "rank": shape[1],
-             "scale": alpha / shape[1] if alpha else 1.0}
-            for name, shape in shapes.items() if name.endswith(".lora_b")]
+             "scale": alpha / shape[1] if alpha and shape[1] else 1.0}
+            for name, shape in shapes.items() if name.endswith(".lora_b") and len(shape) == 2]
     return report
 
 
@@ -67,7 +65,9 @@ def _fit_gguf_adapter(report: dict[str, Any], base_path: Path) -> str | None:
             break
         if name not in base.tensors:
             return f"{name} does not exist in the base"
-        a, b = shapes[name + ".lora_a"], shapes[name + ".lora_b"]
+        a, b = shapes.get(name + ".lora_a"), shapes[name + ".lora_b"]
+        if a is None or len(a) != 2 or a[0] != b[1]:
+            return f"{name} has lora_a {a} and lora_b {b}, not a LoRA pair that shares its rank"
         got = target_shape(name, tuple(a), tuple(b))
         if tuple(base.tensors[name]) != tuple(got):
             return f"{name} has shape {got} in the adapter but {tuple(base.tensors[name])} in the base"
@@ -77,12 +77,19 @@ def _fit_gguf_adapter(report: dict[str, Any], base_path: Path) -> str | None:
 
 
 def inspect(path: str | Path, base: str | Path | None = None) -> dict[str, Any]:
-    path = Path(path)
+    path = usable_path(path)
     if not path.exists():
         raise InputError(f"{path} does not exist", "", "pass a GGUF file or a PEFT adapter folder")
-    adapter = None if path.is_file() and is_gguf(path) else load_adapter(path)
+    if path.is_file() and not is_gguf(path):
+        size = path.stat().st_size
+        said = "is empty" if size == 0 else f"is a file of {size:,} bytes that does not start with the GGUF magic"
+        raise InputError(f"{path} {said}", "inspect reads GGUF files and PEFT adapter folders",
+                         "pass a complete .gguf (download or convert it again) or the folder that holds "
+                         "adapter_config.json")
+    adapter = None if path.is_file() else load_adapter(path)
     report = _gguf_report(path) if adapter is None else _peft_report(adapter)
     if base is not None:
+        usable_path(base, "Base ")
         if report["kind"] == "gguf-model":
             raise InputError(f"{path} is a model, not an adapter", "--base checks an adapter against a model", "")
         if adapter is not None:
