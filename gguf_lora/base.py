@@ -142,11 +142,13 @@ def read_hf_base(path: Path) -> BaseModel:
     names = checked(cfg, "architectures", "str|strs", cfg_path, default=[], fix=fix)
     hf_arch = names if isinstance(names, str) else (names[0] if names else None)  # a string names one
     arch = arch_for_hf(hf_arch) if hf_arch else None
+    supported = ", ".join(a for s in archs().values() for a in s.hf_architectures)
+    if not hf_arch:
+        raise InputError(f"Base {cfg_path} has no architectures entry", f"it names the model class ({supported})",
+                         fix)
     if arch is None:
-        said = f"architecture {shorten(hf_arch)!r}" if hf_arch else "no architectures entry"
-        raise UnsupportedError(f"Base {cfg_path} has {said}, which gguf-lora does not convert yet",
-                               "supported: " + ", ".join(a for s in archs().values() for a in s.hf_architectures),
-                               "open an issue with the model name")
+        raise UnsupportedError(f"Base {cfg_path} has architecture {shorten(hf_arch)!r}, which gguf-lora does not "
+                               "convert yet", f"supported: {supported}", "open an issue with the model name")
     text = checked(cfg, "text_config", "dict", cfg_path, default=cfg, fix=fix) or cfg
     where = "text_config." if text is not cfg else ""
     n_layers = checked(text, "num_hidden_layers", "int>0", cfg_path, fix=fix, shown=where + "num_hidden_layers")

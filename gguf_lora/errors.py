@@ -30,12 +30,22 @@ def shorten(text: str, limit: int = MAX_TOKEN) -> str:
     return f"{text[:keep]}…[{len(text) - 2 * keep} characters]…{text[-keep:]}"
 
 
-def brief(value: object, limit: int = 80) -> str:
-    """A short description of an untrusted JSON value: never recursive (a deeply nested value would overflow
-    repr's recursion), never long."""
-    if isinstance(value, (list, dict)) and any(isinstance(v, (list, dict))
-                                               for v in (value.values() if isinstance(value, dict) else value)):
-        return f"a nested {'list' if isinstance(value, list) else 'object'} of {len(value)} items"
+def brief(value: object, limit: int = 80, quote: bool = True) -> str:
+    """A short repr of an untrusted value (JSON, metadata): never recursive (repr of a 10,000-deep nesting
+    overflows the stack), never long. quote=False shows a string as it is (a server's error text)."""
+    if isinstance(value, str):
+        return repr(shorten(value, limit)) if quote else shorten(value, limit)
+    depth, nodes, stack = 0, 0, [(value, 1)]
+    while stack and nodes < 10_000:
+        v, d = stack.pop()
+        nodes += 1
+        depth = max(depth, d)
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend((x, d + 1) for x in v)
+    if depth > 16 or nodes >= 10_000:
+        return f"a {'nested ' if depth > 16 else ''}{type(value).__name__} of {len(value)} items"
     try:
         return shorten(repr(value), limit)
     except ValueError:  # an integer too long to print
@@ -50,18 +60,22 @@ def one_line(text: str) -> str:
     return shorten(text, MAX_PART)
 
 
+_LOWER_NAMES = ("llama-", "llama.cpp", "gguf-", "--")  # tools and options spelled lower-case
+
+
 def _is_pathlike(word: str) -> bool:
-    return word[:1] in "./~\\" or "/" in word or "\\" in word
+    """A path, or an identifier such as general.alignment or num_hidden_layers: printed as written."""
+    return word[:1] in "./~\\'\"" or "/" in word or "\\" in word or re.search(r"\w[._]\w", word) is not None
 
 
 def _sentence(text: str, capitalise: bool = True) -> str:
-    """Closed with a full stop; capitalised unless it starts with a name spelled lower-case (llama-server)
-    or a path."""
+    """Closed with a full stop; capitalised unless it starts with a name spelled lower-case (llama-server,
+    --base) or a path."""
     text = one_line(text).strip()
     if not text:
         return ""
     first = text.split(" ", 1)[0]
-    if capitalise and not ("-" in first and first.islower()) and not _is_pathlike(first):
+    if capitalise and not first.startswith(_LOWER_NAMES) and not _is_pathlike(first):
         text = text[0].upper() + text[1:]
     return text.rstrip(".") + "."
 

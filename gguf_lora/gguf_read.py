@@ -131,8 +131,9 @@ class GGUFFile:
             f = self.fields["general.alignment"]
             align = f.value
             if f.types != [GGUFValueType.UINT32] or align == 0 or align & (align - 1):
-                raise self._bad(f"general.alignment is {brief(align)} ({f.types[-1].name}), not a power of two "
-                                "stored as UINT32")
+                shown = "ARRAY of " + f.types[-1].name if len(f.types) > 1 else f.types[0].name
+                raise self._bad(f"general.alignment is {brief(align)} ({shown}), not a power of two stored as "
+                                "UINT32")
         infos = []
         names: set[str] = set()
         for i in range(n_tensors):

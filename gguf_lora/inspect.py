@@ -83,7 +83,7 @@ def inspect(path: str | Path, base: str | Path | None = None) -> dict[str, Any]:
     if path.is_file() and not is_gguf(path):
         size = path.stat().st_size
         said = "is empty" if size == 0 else f"is a file of {size:,} bytes that does not start with the GGUF magic"
-        raise InputError(f"{path} {said}", "inspect reads GGUF files and PEFT adapter folders",
+        raise InputError(f"{path} {said}", "gguf-lora inspect reads GGUF files and PEFT adapter folders",
                          "pass a complete .gguf (download or convert it again) or the folder that holds "
                          "adapter_config.json")
     adapter = None if path.is_file() else load_adapter(path)

@@ -252,7 +252,7 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: st
     adapters = [(usable_path(a, "Adapter "), check_scale(scale, a)) for a, scale in adapters]
     usable_path(output, "Output ")
     if not base.is_file() or not is_gguf(base):
-        raise InputError(f"Base {base} is not a GGUF file", "merge reads and writes llama.cpp model files",
+        raise InputError(f"Base {base} is not a GGUF file", "gguf-lora reads and writes llama.cpp model files",
                          "convert the base with llama.cpp's convert_hf_to_gguf.py first")
     model = read_gguf_base(base)
     reader: GGUFFile = model._reader

@@ -204,7 +204,8 @@ def _load_config(path: Path) -> dict[str, Any]:
     cfg = load_json_object(cfg_path, AdapterError, "re-save the adapter config (save_pretrained)")
     peft_type = checked(cfg, "peft_type", "str", cfg_path, error=AdapterError, default="", fix=_CONFIG_FIX)
     if peft_type.upper() != "LORA":
-        raise UnsupportedError(f"{path} is a {shorten(peft_type, 40) or 'untyped'} adapter, not LoRA",
+        raise UnsupportedError(f"{path} is {'a ' + shorten(peft_type, 40) if peft_type else 'an untyped'} adapter, "
+                               "not LoRA",
                                "only LoRA adapters have a GGUF form that llama.cpp loads",
                                "train a LoRA adapter (peft_type LORA)")
     for key, kind in CONFIG_KEYS.items():
@@ -318,8 +319,8 @@ def load_adapter(path: str | Path) -> PeftAdapter:
             raise InputError(f"{path} is a GGUF file, not a PEFT adapter folder",
                              "convert reads PEFT adapters (adapter_config.json + weights)",
                              "to look at a GGUF use 'gguf-lora inspect'; pass it as --base if it is the base model")
-        said = " (an empty one)" if path.is_file() and path.stat().st_size == 0 else ""
-        raise InputError(f"{path} is a file{said}, not a PEFT adapter folder", "",
+        said = "an empty file" if path.is_file() and path.stat().st_size == 0 else "a file"
+        raise InputError(f"{path} is {said}, not a PEFT adapter folder", "",
                          "pass the folder that holds adapter_config.json")
     cfg = _load_config(path)
     weights_file, reader, index = _open_weights(path)

@@ -6,6 +6,7 @@ whole stream), not only requests' per-read timeout, and answers are size-bounded
 """
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
@@ -32,7 +33,7 @@ class _Deadline:
     ends any read at once (as an error the call then reports as the deadline)."""
 
     def __init__(self, seconds: float):
-        self.seconds, self.fired, self._conns = seconds, False, []
+        self.seconds, self.fired, self._socks = seconds, False, []
         self._lock = threading.Lock()
         self._timer = threading.Timer(seconds, self._fire)
         self._timer.daemon = True
@@ -45,41 +46,42 @@ class _Deadline:
     def __exit__(self, *exc) -> None:
         _current.deadline = None
 
-    def watch(self, conn) -> None:
+    def watch(self, sock: socket.socket) -> None:
         with self._lock:
             if self.fired:
-                _shutdown(conn)
+                _shutdown(sock)
             else:
-                self._conns.append(conn)
+                self._socks.append(sock)
 
     def _fire(self) -> None:
         with self._lock:
             self.fired = True
-            for conn in self._conns:
-                _shutdown(conn)
+            for sock in self._socks:
+                _shutdown(sock)
 
     def cancel(self) -> None:
         self._timer.cancel()
         with self._lock:
-            self._conns.clear()
+            self._socks.clear()
 
 
 _current = threading.local()
 
 
-def _shutdown(conn) -> None:
-    sock = getattr(conn, "sock", None)
-    if sock is not None:
-        try:
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain socket's: TLS state is left alone
-        except OSError:
-            pass
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain socket's method: TLS state is left alone
+    except (OSError, TypeError):
+        pass
 
 
 def _watch(conn) -> None:
+    """Register the connection's socket (not the connection: http.client drops conn.sock while the answer
+    of a closing connection is still being read from it)."""
     deadline = getattr(_current, "deadline", None)
-    if deadline is not None:
-        deadline.watch(conn)
+    sock = getattr(conn, "sock", None)
+    if deadline is not None and sock is not None:
+        deadline.watch(sock)
 
 
 class _Conn(urllib3.connection.HTTPConnection):
@@ -88,7 +90,7 @@ class _Conn(urllib3.connection.HTTPConnection):
         _watch(self)
 
     def request(self, *args, **kwargs):
-        _watch(self)  # a kept-alive connection is reused without connect()
+        _watch(self)  # a kept-alive connection is reused without connect(); a new one registers in connect()
         return super().request(*args, **kwargs)
 
 
@@ -128,8 +130,8 @@ def server_message(response: requests.Response) -> str:
         err = body.get("error", body)
         if isinstance(err, dict):
             err = err.get("message", err)
-        return brief(err, 300).strip("'") if not isinstance(err, str) else err[:300]
-    return brief(body, 200)
+        return brief(err, 300, quote=False)
+    return brief(body, 200, quote=False)
 
 
 class Http:
@@ -160,6 +162,8 @@ class Http:
                                          stream=True, **kwargs)
                 if not stream or r.status_code not in ok:
                     _read_body(r, self, call)
+                if deadline.fired:  # an answer without a length "ends" where the deadline shut the socket
+                    raise requests.exceptions.ReadTimeout("the deadline passed")
         except requests.exceptions.RequestException as e:
             deadline.cancel()
             raise self._failure(e, call, wait, deadline) from None
@@ -196,6 +200,10 @@ class Http:
         if isinstance(e, requests.exceptions.ConnectionError) and _is_refused(e):
             return ServerUnreachable(f"Cannot reach {self.name} at {self.url}", "the connection was refused: "
                                      "nothing listens there", "start the server or pass the right --url")
+        malformed = _malformed(e)
+        if malformed is not None:
+            return ServerError(f"{self.name} at {self.url} answered {call} with malformed HTTP",
+                               malformed, f"check that {self.url} is really {self.name}")
         if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError)):
             return ServerError(f"The connection to {self.name} at {self.url} broke during {call}",
                                f"{_root(e)} (did the server stop or crash?)", "check the server's log and retry")
@@ -220,7 +228,7 @@ class Http:
         r = self.request(method, path, stream=True, **kwargs)
         deadline: _Deadline = getattr(r, "_gguf_lora_deadline", None) or _Deadline(0)
         try:
-            for line in _lines(r, self, call):
+            for line in _lines(r, self, call, deadline):
                 if not line.strip():
                     continue
                 try:
@@ -232,9 +240,11 @@ class Http:
                     raise ServerError(f"{self.name} streamed {brief(doc, 80)} during {call}", "expected a JSON object",
                                       f"check that {self.url} is really {self.name}")
                 if "error" in doc:
-                    raise ServerError(f"{self.name} reported an error during {call}", brief(doc["error"], 300),
+                    raise ServerError(f"{self.name} reported an error during {call}", brief(doc["error"], 300, quote=False),
                                       "nothing was finished; fix the cause and run it again")
                 yield doc
+            if deadline.fired:
+                raise requests.exceptions.ReadTimeout("the deadline passed")
         except requests.exceptions.RequestException as e:
             if deadline.fired:
                 raise ServerError(f"{self.name} at {self.url} did not finish {call} within {deadline.seconds:g} s",
@@ -266,7 +276,7 @@ def _read_body(r: requests.Response, http: Http, call: str) -> None:
     r._content_consumed = True
 
 
-def _lines(r: requests.Response, http: Http, call: str) -> Iterator[bytes]:
+def _lines(r: requests.Response, http: Http, call: str, deadline: _Deadline) -> Iterator[bytes]:
     """The stream's lines, each bounded by MAX_BODY (iter_lines would buffer an endless line whole)."""
     pending = b""
     for chunk in r.iter_content(65536):
@@ -276,19 +286,37 @@ def _lines(r: requests.Response, http: Http, call: str) -> Iterator[bytes]:
         if len(pending) > MAX_BODY:
             raise ServerError(f"{http.name} streamed a line of more than {MAX_BODY // 2**20} MiB during {call}",
                               "no line of its API is that long", f"check that {http.url} is really {http.name}")
+    if deadline.fired:  # the stream "ended" where the deadline shut the socket
+        raise requests.exceptions.ReadTimeout("the deadline passed")
     if pending:
         yield pending
 
 
-def _timed_out(e: BaseException) -> bool:
-    """A read timeout that requests reports as a ConnectionError (one in the middle of the body)."""
+def _chain(e: BaseException | None) -> Iterator[BaseException]:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, (urllib3.exceptions.ReadTimeoutError, socket.timeout)):
-            return True
+        yield e
         e = e.__cause__ or e.__context__ or (e.args[0] if e.args and isinstance(e.args[0], BaseException) else None)
-    return False
+
+
+def _malformed(e: BaseException) -> str | None:
+    """What was wrong when the server's bytes were not HTTP (a bad status line, a header line too long, a
+    chunk size that is not a number), as opposed to a connection that broke or was cut off."""
+    for x in _chain(e):
+        if isinstance(x, (urllib3.exceptions.InvalidChunkLength, urllib3.exceptions.InvalidHeader)):
+            return f"{type(x).__name__}: {x}"
+        if isinstance(x, (http.client.IncompleteRead, ConnectionError, TimeoutError)):
+            return None
+        if isinstance(x, (http.client.HTTPException, ValueError)):
+            text = str(x).strip() or type(x).__name__
+            return f"{type(x).__name__}: {text}" if type(x).__name__ not in text else text
+    return None
+
+
+def _timed_out(e: BaseException) -> bool:
+    """A read timeout that requests reports as a ConnectionError (one in the middle of the body)."""
+    return any(isinstance(x, (urllib3.exceptions.ReadTimeoutError, socket.timeout)) for x in _chain(e))
 
 
 def _is_refused(e: Exception) -> bool:

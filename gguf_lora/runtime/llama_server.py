@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import InputError, ServerError, ServerUnreachable
+from ..errors import InputError, ServerError, ServerUnreachable, brief
 from ..gguf_read import general_type
 from ..llama_cpp import find_tool
 from .http import Http
@@ -90,12 +90,12 @@ class LlamaServer:
     def adapters(self) -> list[Adapter]:
         doc = self.http.json("GET", "/lora-adapters")
         if not isinstance(doc, list):
-            raise ServerError("llama-server's /lora-adapters is not a list", f"got {str(doc)[:80]}",
+            raise ServerError("llama-server's /lora-adapters is not a list", f"got {brief(doc, 80)}",
                               "check the server version")
         try:
             return [Adapter(int(a["id"]), Path(a["path"]).stem, a["path"], float(a["scale"])) for a in doc]
         except (KeyError, TypeError, ValueError) as e:
-            raise ServerError("llama-server's /lora-adapters has an unexpected shape", f"{e!r} in {str(doc)[:80]}",
+            raise ServerError("llama-server's /lora-adapters has an unexpected shape", f"{e!r} in {brief(doc, 80)}",
                               "check the server version")
 
     def scales(self, selection: Selection, adapters: list[Adapter] | None = None) -> dict[int, float]:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import GgufLoraError, InputError, ServerError, UnsupportedError
+from ..errors import GgufLoraError, InputError, ServerError, UnsupportedError, brief
 from ..gguf_read import general_type
 from ..peft import sha256_file
 from .http import Http
@@ -90,7 +90,7 @@ class Ollama:
     def version(self) -> str:
         doc = self.http.json("GET", "/api/version", timeout=10)
         if not isinstance(doc, dict) or not isinstance(doc.get("version"), str):
-            raise ServerError(f"{self.url} answered /api/version with {str(doc)[:80]!r}", "expected {\"version\": ...}",
+            raise ServerError(f"{self.url} answered /api/version with {brief(doc, 80)}", "expected {\"version\": ...}",
                               "check that the URL is Ollama")
         return doc["version"]
 
@@ -139,7 +139,7 @@ class Ollama:
     def list(self) -> list[dict]:
         doc = self.http.json("GET", "/api/tags", timeout=30)
         if not isinstance(doc, dict) or not isinstance(doc.get("models", []), list):
-            raise ServerError(f"{self.url} answered /api/tags with {str(doc)[:80]!r}", "expected {\"models\": [...]}",
+            raise ServerError(f"{self.url} answered /api/tags with {brief(doc, 80)}", "expected {\"models\": [...]}",
                               "check that the URL is Ollama")
         return doc.get("models") or []
 
@@ -156,7 +156,7 @@ class Ollama:
     def show(self, model: str) -> dict:
         doc = self._known(model, lambda: self.http.json("POST", "/api/show", json={"model": model}, timeout=60))
         if not isinstance(doc, dict):
-            raise ServerError(f"{self.url} answered /api/show with {str(doc)[:80]!r}", "expected an object",
+            raise ServerError(f"{self.url} answered /api/show with {brief(doc, 80)}", "expected an object",
                               "check that the URL is Ollama")
         return doc
 
