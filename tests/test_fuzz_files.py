@@ -25,6 +25,9 @@ import fuzz_support as fz
 import tiny
 from gguf_lora import convert
 
+pytestmark = pytest.mark.llama_cpp
+
+
 # ---- worlds ---------------------------------------------------------------------------------------------
 
 

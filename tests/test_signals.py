@@ -30,6 +30,7 @@ import pytest
 import tiny
 from llamacpp import hf_to_gguf
 
+pytestmark = pytest.mark.llama_cpp
 ROOT = Path(__file__).resolve().parents[1]
 GGUF_LORA = [sys.executable, "-m", "gguf_lora"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -221,3 +222,52 @@ def test_full_output_folder(small, llama_base, capsys):
             assert proc.stderr.startswith(f"error: Writing {folder / 'o.gguf'} failed:"), proc.stderr
             assert "nothing was written" in proc.stderr and proc.stderr.count("\n") == 1
             assert list(folder.iterdir()) == []
+
+
+def test_ollama_deploy_removes_its_temporary_files_on_sigterm(small, llama_base, tmp_path):
+    """deploy converts or merges into a temporary folder before uploading; SIGTERM mid-upload removes it."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    uploading, stop = threading.Event(), threading.Event()
+
+    class SlowOllama(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            body = b'{"version": "0.6.0"}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_HEAD(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def do_POST(self):  # the blob upload: never read, never answered
+            uploading.set()
+            stop.wait(60)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowOllama)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    try:
+        proc = subprocess.Popen([*GGUF_LORA, "ollama", "deploy", str(small), "--base", str(llama_base[1]), "--name",
+                                 "x", "--merge", "--url", f"http://127.0.0.1:{server.server_address[1]}"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**ENV, "TMPDIR": str(tmp)})
+        assert uploading.wait(120), proc.communicate(timeout=5)
+        assert list(tmp.iterdir()), "the merged model should be in the temporary folder while it uploads"
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.splitlines()[-1].startswith("error: Interrupted by SIGTERM."), stderr
+    assert "Traceback" not in stderr
+    assert list(tmp.iterdir()) == []

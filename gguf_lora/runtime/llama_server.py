@@ -85,7 +85,7 @@ class LlamaServer:
             time.sleep(0.1)
 
     def props(self) -> dict:
-        return self.http.json("GET", "/props")
+        return _object(self.http.json("GET", "/props"), "/props")
 
     def adapters(self) -> list[Adapter]:
         doc = self.http.json("GET", "/lora-adapters")
@@ -140,13 +140,21 @@ class LlamaServer:
     def complete(self, prompt: str | list[int], *, adapter: Selection = None, n_predict: int = 64,
                  **params) -> dict:
         """POST /completion with an explicit, full adapter list. Returns llama-server's JSON (`content`, ...)."""
-        return self.http.json("POST", "/completion", json=self._body(adapter, {"prompt": prompt,
-                                                                               "n_predict": n_predict, **params}))
+        return _object(self.http.json("POST", "/completion", json=self._body(
+            adapter, {"prompt": prompt, "n_predict": n_predict, **params})), "/completion")
 
     def chat(self, messages: list[dict], *, adapter: Selection = None, **params) -> dict:
         """POST /v1/chat/completions (OpenAI shape) with an explicit, full adapter list."""
-        return self.http.json("POST", "/v1/chat/completions", json=self._body(adapter, {"messages": messages,
-                                                                                        **params}))
+        return _object(self.http.json("POST", "/v1/chat/completions", json=self._body(
+            adapter, {"messages": messages, **params})), "/v1/chat/completions")
+
+
+def _object(doc, path: str) -> dict:
+    """A JSON answer that must be an object (callers index it: ["content"], ["choices"])."""
+    if not isinstance(doc, dict):
+        raise ServerError(f"llama-server answered {path} with {brief(doc, 80)}", "expected a JSON object",
+                          "check the server version")
+    return doc
 
 
 def _find(adapters: list[Adapter], key: str | int) -> Adapter:

@@ -158,6 +158,10 @@ class Ollama:
         if not isinstance(doc, dict):
             raise ServerError(f"{self.url} answered /api/show with {brief(doc, 80)}", "expected an object",
                               "check that the URL is Ollama")
+        for key in ("template", "system", "parameters"):  # the fields deploy carries over
+            if doc.get(key) is not None and not isinstance(doc[key], str):
+                raise ServerError(f"Ollama's /api/show answer for {model} has {key} = {brief(doc[key], 60)}",
+                                  "expected text", "check that the URL is Ollama")
         return doc
 
     def delete(self, model: str) -> None:
@@ -170,7 +174,8 @@ class Ollama:
 
     def chat(self, model: str, messages: list[dict], options: dict | None = None, stream: bool = False) -> str:
         body = {"model": model, "messages": messages, "stream": stream, "options": options or {}}
-        return self._text("/api/chat", body, lambda d: (d.get("message") or {}).get("content", ""))
+        return self._text("/api/chat", body, lambda d: d["message"].get("content", "")
+                          if isinstance(d.get("message"), dict) else d.get("message"))
 
     def _text(self, path: str, body: dict, piece: Callable[[dict], str]) -> str:
         """The final text of a generation, whether Ollama streams NDJSON or answers one JSON document."""
@@ -178,7 +183,11 @@ class Ollama:
         lines = self.http.ndjson("POST", path, json=body)  # a generator: the request goes out on the first next()
         first = self._known(body["model"], lambda: next(lines, None))
         for doc in itertools.chain([first] if first is not None else [], lines):
-            parts.append(piece(doc) or "")
+            text = piece(doc)
+            if text is not None and not isinstance(text, str):
+                raise ServerError(f"Ollama's answer to {path} for {body['model']} holds {brief(text, 60)} as text",
+                                  "expected a string", "check that the URL is Ollama")
+            parts.append(text or "")
             done = done or bool(doc.get("done"))
         if not done:
             raise ServerError(f"Ollama's answer to {path} for {body['model']} ended before done", "the stream was cut",
