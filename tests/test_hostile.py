@@ -293,6 +293,33 @@ def test_finite_check_is_exact_at_the_f16_boundary():
     encode(np.full((1, 32), 8e6, np.float32), Q.Q8_0)
 
 
+@pytest.mark.parametrize("qtype,edge", [("F16", 65520.0), ("BF16", float(np.uint32(0x7F7F8000).view(np.float32))),
+                                        ("F32", 3.4028235e38)])
+def test_float_boundaries_agree_with_the_encoded_bits(qtype, edge):
+    """The float types are checked on the rows (cheap); that must say exactly what the encoded bits say,
+    for every value around the rounding boundary, NaN and Inf included."""
+    from gguf_lora.finite import TypeOverflow, check, encoded_finite
+    from gguf_lora.quants import _encode_rows
+
+    q = gguf.GGMLQuantizationType[qtype]
+    up = down = np.float32(edge)
+    near = [up]
+    for _ in range(40):  # 40 float32 steps either side of the boundary
+        up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(0))
+        near += [up, down]
+    values = np.array(near + [np.inf, np.nan, 1.0, -1.0, 0.0], np.float32)
+    for v in np.concatenate([values, -values]):
+        rows = np.array([[v, 0.5]], np.float32)
+        with np.errstate(all="ignore"):
+            encoded = _encode_rows(rows, q)
+        try:
+            check(encoded, q, rows)
+            raised = False
+        except TypeOverflow:
+            raised = True
+        assert raised == (not encoded_finite(encoded, q)), (qtype, float(v))
+
+
 # ---- unbounded waits ----------------------------------------------------------------------------------------
 
 def test_catastrophic_rank_pattern_is_bounded(adapter, tmp_path, llama_base):
