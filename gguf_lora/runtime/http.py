@@ -235,7 +235,8 @@ class Http:
                     doc = json.loads(line)
                 except (ValueError, RecursionError):
                     raise ServerError(f"{self.name} streamed a line that is not JSON during {call}",
-                                      f"it began {line[:60]!r}", f"check that {self.url} is really {self.name}")
+                                      f"it began {line[:60].decode('utf-8', 'replace')!r}",
+                                      f"check that {self.url} is really {self.name}")
                 if not isinstance(doc, dict):
                     raise ServerError(f"{self.name} streamed {brief(doc, 80)} during {call}", "expected a JSON object",
                                       f"check that {self.url} is really {self.name}")
