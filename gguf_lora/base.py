@@ -16,7 +16,7 @@ from .archs import Arch, arch_for_hf, archs
 from .gguf_read import GGUFFile
 from .errors import InputError, UnsupportedError, shorten
 from .safetensors_io import SafetensorsFile
-from .validate import checked, load_json_object
+from .validate import checked, load_json_object, usable_path
 
 GGUF_MAGIC = b"GGUF"
 
@@ -180,7 +180,7 @@ def read_hf_base(path: Path) -> BaseModel:
 
 
 def load_base(path: str | Path) -> BaseModel:
-    path = Path(path)
+    path = usable_path(path, "Base ")
     if not path.exists():
         raise InputError(f"Base {path} does not exist", "",
                          "pass the base model's GGUF file or its Hugging Face folder with --base")

@@ -67,12 +67,21 @@ def _unsupported_message(adapter: PeftAdapter) -> None:
                                "bake it into the model with 'gguf-lora merge' instead")
 
 
+def _local(hint: str | None) -> Path | None:
+    """The config's base_model_name_or_path when it is an existing local path (else a hub id, or nonsense)."""
+    try:
+        p = Path(hint).expanduser() if hint else None
+        return p if p is not None and p.exists() else None
+    except (OSError, RuntimeError, ValueError):  # too long to be a path, ~unknown-user, a NUL byte
+        return None
+
+
 def resolve_base(adapter: PeftAdapter, base: str | Path | None) -> BaseModel:
     hint = adapter.config.get("base_model_name_or_path")
     if base is not None:
         model = load_base(base)
-        recorded = Path(hint).expanduser() if hint else None
-        if recorded and recorded.exists() and Path(base).resolve() != recorded.resolve():
+        recorded = _local(hint)
+        if recorded and Path(base).resolve() != recorded.resolve():
             try:
                 trained_on = load_base(recorded).arch.name
             except GgufLoraError:
@@ -83,8 +92,8 @@ def resolve_base(adapter: PeftAdapter, base: str | Path | None) -> BaseModel:
                                         "architecture, and the numbers would be meaningless anyway",
                                         "pass the adapter's own base model")
         return model
-    if hint and Path(hint).expanduser().exists():
-        return load_base(Path(hint).expanduser())
+    if _local(hint):
+        return load_base(_local(hint))
     said = f" (its base_model_name_or_path {hint!r} is not a local folder)" if hint else ""
     raise InputError(f"No base model for {adapter.path}{said}",
                      "the base tells the architecture, the q/k layout and every shape to check",

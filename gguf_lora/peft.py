@@ -18,7 +18,7 @@ import numpy as np
 from .errors import AdapterError, InputError, UnsupportedError, brief, shorten
 from .patterns import PatternError, compile_key, first_keys, get_pattern_key as _bounded_pattern_key
 from .safetensors_io import MAX_NAME, SafetensorsFile
-from .validate import KINDS, checked, is_int, load_json_object
+from .validate import KINDS, checked, is_int, load_json_object, usable_path
 
 CONFIG = "adapter_config.json"
 SAFETENSORS = "adapter_model.safetensors"
@@ -306,7 +306,7 @@ def _open_pickle(pt: Path):
 
 def load_adapter(path: str | Path) -> PeftAdapter:
     """Open a PEFT LoRA folder: config checked, tensors indexed (not read), ranks and scales resolved."""
-    path = Path(path)
+    path = usable_path(path)
     if not path.exists():
         raise InputError(f"{path} does not exist", "", "pass the folder written by model.save_pretrained()")
     if not path.is_dir():

@@ -9,6 +9,7 @@ failure; and it finishes in bounded time. See fuzz_support.py for the settings a
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import tempfile
@@ -470,3 +471,60 @@ def test_truncated_safetensors_anywhere(world, data):
                                                                folder / "out" / "a.gguf"],
                           inputs=[a, world.base], out_dir=folder / "out")
         assert line is not None, f"a safetensors file cut at {cut} of {len(raw)} bytes was accepted"
+
+
+argv_text = st.characters(exclude_characters="\x00")  # a command line cannot carry NUL (execve ends args there)
+path_args = st.one_of(
+    st.text(argv_text, max_size=30), st.text(argv_text, max_size=300),
+    st.sampled_from(["a" * 300, "a/" * 2100, "~nosuchuser/x", "", ".", "..", "/", "/dev/null", "-",
+                     "--x", "out.gguf", "dir/", "adapter:0.5", "adapter:abc", "adapter:nan", "adapter:-1e39"]))
+SLOTS = {"convert": ["adapter", "--base", "-o", "--outtype"], "merge": ["--base", "adapter", "-o", "--outtype"],
+         "quantize": ["source", "output", "outtype"], "inspect": ["path", "--base"],
+         "modelfile": ["--from", "--adapter", "--template-from", "-o"]}
+
+
+@fz.seed_decorator()
+@fz.fuzz(120)
+@given(command=st.sampled_from(sorted(SLOTS)), data=st.data())
+def test_command_line_arguments(world, command, data):
+    """Whatever the user types where a path, a scale or a type goes: exit 0, 1 (one line) or 2 (usage)."""
+    with case(world) as folder:
+        shutil.copytree(world.adapter, folder / "adapter")
+        shutil.copy(world.base, folder / "base.gguf")
+        good = {"adapter": "adapter", "--base": "base.gguf", "-o": "out/o.gguf", "--outtype": "q8_0",
+                "source": "base.gguf", "output": "out/o.gguf", "outtype": "q8_0", "path": "adapter",
+                "--from": "tiny", "--adapter": "adapter", "--template-from": "base.gguf"}
+        slot = data.draw(st.sampled_from(SLOTS[command]))
+        values = {s: good[s] for s in SLOTS[command]}
+        values[slot] = data.draw(path_args)
+        if command == "modelfile":
+            values["-o"] = values["-o"].replace("o.gguf", "Modelfile") if slot != "-o" else values["-o"]
+            values.pop("--adapter") if slot != "--adapter" else None
+        args = [command]
+        for s, v in values.items():
+            args += [s, v] if s.startswith("-") else [v]
+        cwd = os.getcwd()
+        os.chdir(folder)
+        try:
+            before = fz.digest([folder / "adapter", folder / "base.gguf"])
+            result = fz.runner.invoke(fz.app, args)
+            assert fz.digest([folder / "adapter", folder / "base.gguf"]) == before
+        finally:
+            os.chdir(cwd)
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            import traceback
+
+            raise AssertionError("".join(traceback.format_exception(result.exception)))
+        assert result.exit_code in (0, 1, 2), result.output
+        last = result.output.rstrip().splitlines()[-1] if result.output.strip() else ""
+        if command == "inspect" and result.exit_code == 1 and last.startswith("fits ") and ": no: " in last:
+            fz.record("command-line arguments", "inspect report: does not fit (exit 1)")
+        elif result.exit_code == 1:
+            lines = [ln for ln in result.output.splitlines() if ln.strip()]
+            assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+            leftovers = [p.name for p in (folder / "out").iterdir()]
+            assert leftovers == [], leftovers
+            fz.record("command-line arguments", "refused", lines[0][7:])
+        else:
+            fz.record("command-line arguments", {0: "ok", 2: "usage error (exit 2)"}[result.exit_code])
+        assert not [p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(".partial")]

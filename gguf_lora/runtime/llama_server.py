@@ -24,6 +24,7 @@ from pathlib import Path
 from ..errors import InputError, ServerError, ServerUnreachable, brief
 from ..gguf_read import general_type
 from ..llama_cpp import find_tool
+from ..validate import usable_path
 from .http import Http
 
 # What a request may name: None = the server's current global selection; a name; names at scale 1;
@@ -176,7 +177,7 @@ def adapter_files(adapters: str | Path | Iterable[str | Path]) -> list[Path]:
     """Folders (every GGUF LoRA in each, by name) and GGUF LoRA files, in order; names must be unique."""
     items = [adapters] if isinstance(adapters, (str, Path)) else list(adapters)
     files: list[Path] = []
-    for item in map(Path, items):
+    for item in (usable_path(i, "Adapter ") for i in items):
         if item.is_dir():
             found = [p for p in sorted(item.glob("*.gguf")) if general_type(p) == "adapter"]
             if not found:
@@ -227,7 +228,7 @@ class ManagedServer:
                  host: str = "127.0.0.1", port: int | None = None, llama_server: str | Path | None = None,
                  api_key: str | None = None, extra_args: Iterable[str] = (), log: str | Path | None = None,
                  ready_timeout: float = 120.0, scales: Selection = ()):
-        self.base = Path(base)
+        self.base = usable_path(base, "Base model ")
         if not self.base.is_file():
             raise InputError(f"Base model {self.base} does not exist", "", "pass the base GGUF the adapters were "
                              "converted for")

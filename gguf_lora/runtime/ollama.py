@@ -299,7 +299,17 @@ class DeployResult:
 def _is_file_gguf(path: Path) -> bool:
     from ..base import is_gguf
 
-    return path.is_file() and is_gguf(path)
+    try:
+        return path.is_file() and is_gguf(path)
+    except (OSError, ValueError):  # a name too long to be a path: an Ollama model name, or nothing
+        return False
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def _parse_show_parameters(text: str) -> dict[str, Any]:
@@ -343,7 +353,9 @@ def deploy(adapter: str | Path, base: str | Path, name: str, *, client: Ollama, 
     if scale == 0 or math.isnan(scale):
         raise InputError(f"Scale {scale:g} is not usable", "at scale 0 (or NaN) the model would be the base, or broken",
                          "pass a non-zero scale such as 1.0")
-    adapter = Path(adapter)
+    from ..validate import usable_path
+
+    adapter = usable_path(adapter, "Adapter ")
     if _is_file_gguf(adapter):
         if general_type(adapter) != "adapter":
             raise InputError(f"{adapter} is a GGUF but not an adapter (general.type is not 'adapter')",
@@ -363,7 +375,10 @@ def deploy(adapter: str | Path, base: str | Path, name: str, *, client: Ollama, 
 
     base_name: str | None = None
     carried: dict[str, Any] = {}
-    base_path = Path(str(base)).expanduser()
+    try:
+        base_path = Path(str(base)).expanduser()
+    except RuntimeError:  # ~unknown-user: not a path
+        base_path = Path(str(base))
     if _is_file_gguf(base_path):
         base_gguf = base_path
         if general_type(base_gguf) == "adapter":
@@ -376,7 +391,7 @@ def deploy(adapter: str | Path, base: str | Path, name: str, *, client: Ollama, 
         if tpl.stop:
             carried["parameters"] = {"stop": tpl.stop}
         template_note = f"from the base GGUF: {tpl.reason}"
-    elif base_path.exists() or str(base).endswith(".gguf"):
+    elif _exists(base_path) or str(base).endswith(".gguf"):
         raise InputError(f"Base {base} is not a GGUF file", "deploy takes an Ollama model name or a base .gguf",
                          "check the path")
     else:
