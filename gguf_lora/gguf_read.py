@@ -43,8 +43,9 @@ _FLOATS = {GGUFValueType.FLOAT32, GGUFValueType.FLOAT64}
 _MISSING = object()
 
 
-class GGUFError(InputError):
-    """A GGUF file that llama.cpp's loader would refuse too: truncated, damaged, or a value of the wrong type."""
+class GGUFError(InputError, ValueError):
+    """A GGUF file that llama.cpp's loader would refuse too: truncated, damaged, or a value of the wrong type.
+    (Also a ValueError, which this reader raised before it named the file and the place.)"""
 
 
 @dataclass
