@@ -386,3 +386,18 @@ def test_library_errors_are_gguf_lora_errors(tmp_path):
         GGUFFile(tmp_path / "x.gguf")
     with pytest.raises(GgufLoraError):
         convert(tmp_path / "nope", tmp_path / "x.gguf", tmp_path / "o.gguf")
+
+
+def test_a_bug_is_one_line_too(llama_base, tmp_path):
+    """An exception that is not a GgufLoraError is a bug of ours; the command still ends in one line."""
+    code = ("import sys, gguf_lora.cli as c; m = sys.modules['gguf_lora.merge']; m.merge = lambda *a, **k: {}['boom']; "
+            "sys.argv = ['gguf-lora', 'quantize', sys.argv[1], sys.argv[2], 'q8_0']; c.main()")
+    proc = subprocess.run([sys.executable, "-c", code, str(llama_base[1]), str(tmp_path / "o.gguf")],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr == ("error: internal error (KeyError: 'boom'). This is a bug in gguf-lora; run again with "
+                           "GGUF_LORA_DEBUG=1 and report the traceback.\n")
+    debug = subprocess.run([sys.executable, "-c", code, str(llama_base[1]), str(tmp_path / "o.gguf")],
+                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT),
+                                                                "GGUF_LORA_DEBUG": "1"})
+    assert "Traceback" in debug.stderr and "KeyError: 'boom'" in debug.stderr
