@@ -70,6 +70,16 @@ def _supported(arch_name: str, source: Path) -> Arch:
 
 
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS: llama.cpp loads no model with more blocks
+# <arch>.KEY -> (type, required): keys llama.cpp's load_hparams reads for every supported architecture, with the
+# exact GGUF type it accepts (llama-model-loader.cpp GKV::get_kv refuses any other). A base that breaks these
+# does not load in llama.cpp, so neither would what merge or quantize make of it.
+HPARAMS = {
+    "context_length": ("u32", True), "embedding_length": ("u32", True), "block_count": ("u32", True),
+    "feed_forward_length": ("u32|arr", False), "attention.head_count": ("u32|arr", True),
+    "attention.head_count_kv": ("u32|arr", False), "rope.dimension_count": ("u32", False),
+    "rope.freq_base": ("f32", False), "attention.layer_norm_rms_epsilon": ("f32", False),
+    "vocab_size": ("u32", False), "attention.key_length": ("u32", False), "attention.value_length": ("u32", False),
+}
 
 
 def _check_heads(source: Path, arch: Arch, n_layers: int, n_head: int, n_head_kv: int,
@@ -107,9 +117,18 @@ def read_gguf_base(path: Path) -> BaseModel:
     if reader.get("split.count", "int", 1) > 1:
         raise InputError(f"{path} is one part of a split GGUF", "a split model's tensors lie in several files",
                          "merge it first with llama-gguf-split --merge")
-    n_layers = reader.get(f"{arch_name}.block_count", "int")
-    n_head = reader.get(f"{arch_name}.attention.head_count", "int|ints")
-    n_head_kv = reader.get(f"{arch_name}.attention.head_count_kv", "int|ints", n_head)
+    reader.get("split.count", "u16", None)
+    for key, (kind, required) in HPARAMS.items():  # what llama.cpp's loader reads, with the types it reads
+        reader.get(f"{arch_name}.{key}", kind, *(() if required else (None,)))
+    n_layers = reader.get(f"{arch_name}.block_count", "u32")
+    n_head = reader.get(f"{arch_name}.attention.head_count", "u32|arr")
+    n_head_kv = reader.get(f"{arch_name}.attention.head_count_kv", "u32|arr", n_head)
+    for key in ("feed_forward_length", "attention.head_count", "attention.head_count_kv"):
+        per_layer = reader.get(f"{arch_name}.{key}", "u32|arr", None)
+        if isinstance(per_layer, list) and len(per_layer) != n_layers:
+            raise InputError(f"Base {path} has {len(per_layer)} values of {arch_name}.{key} for {n_layers} blocks",
+                             "llama.cpp needs one per block", "convert the base again with llama.cpp's "
+                             "convert_hf_to_gguf.py")
     if isinstance(n_head, list) or isinstance(n_head_kv, list):
         raise UnsupportedError(f"{path} has per-layer head counts", "the q/k permutation needs one head count",
                                "open an issue with the model name")

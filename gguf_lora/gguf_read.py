@@ -256,8 +256,15 @@ class GGUFFile:
             "strs": t == GGUFValueType.ARRAY and sub == GGUFValueType.STRING,
             "ints": t == GGUFValueType.ARRAY and sub in _INTS,
             "int|ints": t in _INTS or (t == GGUFValueType.ARRAY and sub in _INTS),
+            # exactly the types llama.cpp's loader accepts (it refuses, or asserts, on any other)
+            "u16": t == GGUFValueType.UINT16,
+            "u32": t == GGUFValueType.UINT32,
+            "f32": t == GGUFValueType.FLOAT32,
+            "u32|arr": t == GGUFValueType.UINT32 or (t == GGUFValueType.ARRAY and sub in (GGUFValueType.UINT32,
+                                                                                            GGUFValueType.INT32)),
+            "u32s": t == GGUFValueType.ARRAY and sub == GGUFValueType.UINT32,
         }[kind]
-        if ok and kind == "float" and not math.isfinite(f.value):
+        if ok and kind in ("float", "f32") and not math.isfinite(f.value):
             ok = False
         if not ok:
             shown = f"ARRAY of {sub.name}" if t == GGUFValueType.ARRAY else t.name
@@ -269,7 +276,25 @@ class GGUFFile:
 
 _KINDS = {"str": "a string", "int": "an integer", "float": "a finite number", "bool": "a boolean",
           "strs": "an array of strings", "ints": "an array of integers",
-          "int|ints": "an integer or an array of integers"}
+          "int|ints": "an integer or an array of integers", "u16": "a UINT16, as llama.cpp reads it",
+          "u32": "a UINT32, as llama.cpp reads it", "f32": "a finite FLOAT32, as llama.cpp reads it",
+          "u32|arr": "a UINT32 or an array of UINT32 / INT32, as llama.cpp reads it",
+          "u32s": "an array of UINT32, as llama.cpp reads it"}
+
+
+def lora_reader(path: str | Path) -> GGUFFile:
+    """A GGUF LoRA whose keys have the types llama.cpp reads them as. llama.cpp asserts on them (gguf.cpp
+    GGML_ASSERT in gguf_get_val_str / _f32): a wrongly typed general.type, adapter.type or adapter.lora.alpha
+    aborts llama-server and llama-export-lora instead of being refused, so gguf-lora refuses such a file first."""
+    reader = GGUFFile(path)
+    gtype = reader.get("general.type", "str", None)
+    if gtype != "adapter" or reader.get("adapter.type", "str", None) != "lora":
+        raise GGUFError(f"{path} is not a GGUF LoRA adapter", "its general.type is not 'adapter' with adapter.type "
+                        "'lora'", "pass a file written by gguf-lora convert (or llama.cpp's convert_lora_to_gguf.py)")
+    reader.get("general.architecture", "str")
+    reader.get("adapter.lora.alpha", "f32", None)
+    reader.get("adapter.alora_invocation_tokens", "u32s", None)
+    return reader
 
 
 def general_type(path: str | Path) -> str | None:

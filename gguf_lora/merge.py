@@ -19,7 +19,7 @@ import numpy as np
 from . import __version__
 from .base import BaseModel, is_gguf, read_gguf_base
 from .convert import Progress, pair_arrays, plan, target_shape, transform_rows
-from .gguf_read import GGUFFile
+from .gguf_read import GGUFFile, lora_reader
 from .errors import AdapterError, BaseMismatchError, InputError, UnsupportedError
 from .output import TensorSpec, atomic_output, check_output, write_gguf
 from .peft import load_adapter, sha256_file
@@ -90,10 +90,8 @@ def _exists(path: str) -> bool:
 
 
 def _gguf_lora(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, list[Contribution]], str]:
-    reader = GGUFFile(path)
-    if reader.get("general.type", "str", None) != "adapter" or reader.get("adapter.type", "str", None) != "lora":
-        raise InputError(f"{path} is not a GGUF LoRA adapter", "", "pass a PEFT folder or a file from gguf-lora convert")
-    arch = reader.get("general.architecture", "str", None)
+    reader = lora_reader(path)  # keys typed as llama.cpp reads them
+    arch = reader.get("general.architecture", "str")
     if arch != base.arch.name:
         raise BaseMismatchError(f"Adapter {path} is for {arch}, base is {base.arch.name}",
                                 "llama.cpp refuses a LoRA of another architecture", "pass the adapter's own base")

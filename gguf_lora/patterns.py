@@ -13,7 +13,9 @@ the time instead of guessing at pathology:
   still running at the deadline is refused with a message naming it, where PEFT itself would hang.
 The `regex` package's timeout was the alternative; its syntax differs from `re` in corners (`{e<=1}` fuzzy
 matching, `[[:alpha:]]` classes), so it would not always give PEFT's answer.
-A key that is not a valid regular expression in PEFT's form is refused with re's reason (PEFT would raise).
+A key that is not a valid regular expression in PEFT's form is refused with re's reason. PEFT raises only
+when it reaches that key for some module (an earlier key may match every module first); gguf-lora refuses it
+whenever it is in the config: the config is broken, and the same file would fail in PEFT on another model.
 """
 from __future__ import annotations
 

@@ -401,3 +401,29 @@ def test_a_bug_is_one_line_too(llama_base, tmp_path):
                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT),
                                                                 "GGUF_LORA_DEBUG": "1"})
     assert "Traceback" in debug.stderr and "KeyError: 'boom'" in debug.stderr
+
+
+@pytest.mark.parametrize("key,value", [("adapter.lora.alpha", (gguf.GGUFValueType.UINT32, None, 8)),
+                                       ("general.type", (gguf.GGUFValueType.UINT32, None, 1))])
+def test_llama_cpp_aborts_on_a_mistyped_adapter_and_we_refuse_it_first(adapter, llama_base, tmp_path, key, value):
+    """llama.cpp bug (pinned): gguf_get_val_str / gguf_get_val_f32 GGML_ASSERT the type, so an adapter whose
+    general.type or adapter.lora.alpha has another type aborts llama-server and llama-export-lora (SIGABRT)
+    instead of being refused. gguf-lora reads adapters with llama.cpp's types and refuses such a file in one
+    line (merge, and serve before it starts llama-server)."""
+    from gguf_lora.llama_cpp import find_tool
+
+    lora = tmp_path / "lora.gguf"
+    convert(adapter, llama_base[1], lora)
+    bad = tmp_path / "bad" / "sql.gguf"
+    bad.parent.mkdir()
+    assert rewrite_gguf(lora, bad, [(key, value)])
+    proc = subprocess.run([str(find_tool("llama-export-lora")), "-m", str(llama_base[1]), "--lora", str(bad), "-o",
+                           str(tmp_path / "m.gguf")], capture_output=True, text=True, errors="replace", timeout=120)
+    assert proc.returncode == -6 and "GGML_ASSERT" in proc.stderr, (proc.returncode, proc.stderr[-500:])
+    server = subprocess.run([str(find_tool("llama-server")), "-m", str(llama_base[1]), "--lora", str(bad), "--port",
+                             "0", "-c", "64"], capture_output=True, text=True, errors="replace", timeout=120)
+    assert server.returncode == -6, (server.returncode, server.stderr[-500:])
+    run_fails(["merge", "--base", llama_base[1], bad, "-o", tmp_path / "o.gguf"], str(bad), key,
+              out=tmp_path / "o.gguf")
+    line = run_fails(["serve", "--base", llama_base[1], "--adapters", bad.parent], str(bad))
+    assert key in line or "not a GGUF LoRA adapter" in line

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import InputError, ServerError, ServerUnreachable, brief
-from ..gguf_read import general_type
+from ..gguf_read import general_type, lora_reader
 from ..llama_cpp import find_tool
 from ..validate import usable_path
 from .http import Http
@@ -191,6 +191,8 @@ def adapter_files(adapters: str | Path | Iterable[str | Path]) -> list[Path]:
                              "pass adapters converted with gguf-lora convert")
         else:
             files.append(item)
+    for f in files:
+        lora_reader(f)  # llama-server aborts (GGML_ASSERT) on an adapter whose keys have other types
     stems = [p.stem for p in files]
     dupes = sorted({s for s in stems if stems.count(s) > 1})
     if dupes:
