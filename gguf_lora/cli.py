@@ -376,6 +376,13 @@ def main() -> None:
     # spin (a merge ran 40% slower). The command limits BLAS to one thread; the library leaves it alone.
     from threadpoolctl import threadpool_limits
 
+    # A path typed with bytes that are not UTF-8 reaches Python as lone surrogates; print such names back as
+    # the bytes they were (as ls does), whatever the locale's error handler, instead of failing to print them.
+    for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
+        try:
+            stream.reconfigure(errors=errors)
+        except (AttributeError, ValueError):
+            pass
     with threadpool_limits(limits=1, user_api="blas"):
         try:
             app()

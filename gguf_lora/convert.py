@@ -18,7 +18,7 @@ from . import typerules
 from .archs import permute_rows
 from .base import BaseModel, load_base
 from .errors import AdapterError, BaseMismatchError, GgufLoraError, InputError, UnsupportedError
-from .output import TensorSpec, atomic_output, check_output, write_gguf
+from .output import TensorSpec, atomic_output, check_output, utf8_text, write_gguf
 from .quants import encode
 from .peft import LoraPair, PeftAdapter, load_adapter
 
@@ -273,13 +273,13 @@ def convert(adapter: str | Path, base: str | Path | None = None, output: str | P
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-        writer.add_name(peft.name)
+        writer.add_name(utf8_text(peft.name))
         tokens = peft.config.get("alora_invocation_tokens")
         if tokens:
             writer.add_key_value(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS, [int(t) for t in tokens],
                                  gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
         writer.add_string("gguf_lora.version", __version__)
-        writer.add_string("gguf_lora.source", peft.name)
+        writer.add_string("gguf_lora.source", utf8_text(peft.name))
         writer.add_string("gguf_lora.source_sha256", peft.content_hash())
 
     arrays: dict[int, np.ndarray] = {}

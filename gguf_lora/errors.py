@@ -52,10 +52,15 @@ def brief(value: object, limit: int = 80, quote: bool = True) -> str:
         return f"a {type(value).__name__} too long to print"
 
 
+def printable(text: str) -> str:
+    """Control characters (a newline in a file name, a terminal escape) shown escaped, as Python writes them."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
+
+
 def one_line(text: str) -> str:
     """Control characters (newlines from a file's names or a server's text) shown escaped, long words
     shortened in the middle, the whole bounded: a message stays one readable line."""
-    text = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
+    text = printable(text)
     text = re.sub(r"\S{%d,}" % (MAX_TOKEN + 1), lambda m: shorten(m.group()), text)
     return shorten(text, MAX_PART)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from .base import is_gguf, load_base
 from .gguf_read import GGUFFile
-from .errors import GgufLoraError, InputError
+from .errors import GgufLoraError, InputError, printable
 from .convert import plan, resolve_base, target_shape
 from .peft import PeftAdapter, load_adapter
 from .validate import usable_path
@@ -107,7 +107,7 @@ def inspect(path: str | Path, base: str | Path | None = None) -> dict[str, Any]:
 
 
 def render(report: dict[str, Any]) -> str:
-    lines = [f"{report['path']}: {report['kind']}" + (f", arch {report['arch']}" if report.get("arch") else "")]
+    lines = [f"{printable(report['path'])}: {report['kind']}" + (f", arch {report['arch']}" if report.get("arch") else "")]
     if report["kind"] == "peft":
         lines.append(f"  r={report['r']} lora_alpha={report['lora_alpha']} rslora={report['use_rslora']} "
                      f"base={report['base_model_name_or_path']}")
@@ -124,5 +124,5 @@ def render(report: dict[str, Any]) -> str:
         for p in report.get("pairs", []):
             lines.append(f"  pair {p['tensor']:<45} rank {p['rank']:>4}  scale {p['scale']:.6g}")
     if "fits" in report:
-        lines.append(f"fits {report['base']}: " + ("yes" if report["fits"] else f"no: {report['problem']}"))
+        lines.append(f"fits {printable(report['base'])}: " + ("yes" if report["fits"] else f"no: {report['problem']}"))
     return "\n".join(lines)

@@ -21,7 +21,7 @@ from .base import BaseModel, is_gguf, read_gguf_base
 from .convert import Progress, pair_arrays, plan, target_shape, transform_rows
 from .gguf_read import GGUFFile, lora_reader
 from .errors import AdapterError, BaseMismatchError, InputError, UnsupportedError
-from .output import TensorSpec, atomic_output, check_output, write_gguf
+from .output import TensorSpec, atomic_output, check_output, utf8_text, write_gguf
 from .peft import load_adapter, sha256_file
 from .quants import WRITABLE, decode, encode_rows
 from .typerules import OUTTYPES, is_70b, plan_types
@@ -362,7 +362,7 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: st
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_string("gguf_lora.version", __version__)
         if provenance:
-            writer.add_array("gguf_lora.adapters", [p["adapter"] for p in provenance])
+            writer.add_array("gguf_lora.adapters", [utf8_text(p["adapter"]) for p in provenance])
             writer.add_array("gguf_lora.adapter_sha256", [p["sha256"] for p in provenance])
             writer.add_array("gguf_lora.adapter_scales", [float(p["scale"]) for p in provenance])
 

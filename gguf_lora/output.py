@@ -82,6 +82,16 @@ def _remove(path: Path) -> None:
         pass  # the folder became unwritable: nothing more can be done, and the first error matters more
 
 
+def utf8_text(text: str) -> str:
+    """Text that can be written as UTF-8. A path typed with bytes that are not UTF-8 reaches Python as lone
+    surrogates (\udcff), which no UTF-8 writer accepts; they are written as U+FFFD."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate from elsewhere (JSON "\ud800")
+        raw = text.encode("utf-8", "replace")
+    return raw.decode("utf-8", "replace")
+
+
 def expect_size(path: Path, expected: int) -> None:
     """Catch writes that failed silently: numpy's tofile can lose a buffered write error (e.g. disk full)."""
     size = path.stat().st_size

@@ -81,7 +81,7 @@ def run_cli(prop: str, args: list, *, inputs=(), out_dir: Path | None = None, wa
     if result.exit_code == 0:
         record(prop, "ok")
         return None
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    lines = [ln for ln in result.output.split("\n") if ln.strip()]  # str.splitlines also splits on \x1c..\x1e
     assert result.exit_code == 1, (result.exit_code, result.output)
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert "Traceback" not in result.output

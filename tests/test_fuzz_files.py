@@ -473,7 +473,11 @@ def test_truncated_safetensors_anywhere(world, data):
         assert line is not None, f"a safetensors file cut at {cut} of {len(raw)} bytes was accepted"
 
 
-argv_text = st.characters(exclude_characters="\x00")  # a command line cannot carry NUL (execve ends args there)
+# What a command line can carry: no NUL (execve ends arguments there). Bytes that are not UTF-8 reach Python
+# as lone surrogates; CliRunner's strict output cannot print them back, so they are left to a test that runs
+# the command in a process (test_hostile.py::test_paths_typed_with_bytes_that_are_not_utf8). Lines are counted
+# on "\n" (str.splitlines also splits on \x1c-\x1e).
+argv_text = st.characters(exclude_characters="\x00", exclude_categories=("Cs",))
 path_args = st.one_of(
     st.text(argv_text, max_size=30), st.text(argv_text, max_size=300),
     st.sampled_from(["a" * 300, "a/" * 2100, "~nosuchuser/x", "", ".", "..", "/", "/dev/null", "-",
@@ -516,11 +520,11 @@ def test_command_line_arguments(world, command, data):
 
             raise AssertionError("".join(traceback.format_exception(result.exception)))
         assert result.exit_code in (0, 1, 2), result.output
-        last = result.output.rstrip().splitlines()[-1] if result.output.strip() else ""
+        last = result.output.rstrip().split("\n")[-1] if result.output.strip() else ""
         if command == "inspect" and result.exit_code == 1 and last.startswith("fits ") and ": no: " in last:
             fz.record("command-line arguments", "inspect report: does not fit (exit 1)")
         elif result.exit_code == 1:
-            lines = [ln for ln in result.output.splitlines() if ln.strip()]
+            lines = [ln for ln in result.output.split("\n") if ln.strip()]
             assert len(lines) == 1 and lines[0].startswith("error: "), result.output
             leftovers = [p.name for p in (folder / "out").iterdir()]
             assert leftovers == [], leftovers

@@ -427,3 +427,22 @@ def test_llama_cpp_aborts_on_a_mistyped_adapter_and_we_refuse_it_first(adapter, 
               out=tmp_path / "o.gguf")
     line = run_fails(["serve", "--base", llama_base[1], "--adapters", bad.parent], str(bad))
     assert key in line or "not a GGUF LoRA adapter" in line
+
+
+def test_paths_typed_with_bytes_that_are_not_utf8(adapter, llama_base, tmp_path):
+    """`gguf-lora convert $'ad\\xff'`: Python hands such bytes over as lone surrogates, which no UTF-8 writer
+    accepts; they were an internal error when written into a GGUF's metadata or a Modelfile."""
+    odd = tmp_path / "ad\udcffx"
+    shutil.copytree(adapter, odd)
+    for args in (["convert", odd, "--base", llama_base[1], "-o", tmp_path / "o\udcff.gguf"],
+                 ["merge", "--base", llama_base[1], odd, "-o", tmp_path / "m.gguf"],
+                 ["modelfile", "--from", "tiny\udcff", "-o", tmp_path / "Modelfile"]):
+        proc = subprocess.run([sys.executable, "-m", "gguf_lora", *map(os.fsencode, map(str, args))],
+                              capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT),
+                                                        "PYTHONIOENCODING": "utf-8:strict"})  # a strict locale
+        assert proc.returncode == 0, proc.stderr
+    assert gguf.GGUFReader(tmp_path / "o\udcff.gguf").fields["general.name"].contents() == "ad\ufffdx"
+    proc = subprocess.run([sys.executable, "-m", "gguf_lora", "inspect", os.fsencode(str(odd))], capture_output=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "utf-8:strict"})
+    assert proc.returncode == 0 and proc.stdout.startswith(os.fsencode(str(odd)) + b": peft"), proc.stderr
+    assert (tmp_path / "Modelfile").read_bytes() == b"FROM tiny\xff\n"

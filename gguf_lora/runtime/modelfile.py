@@ -125,9 +125,14 @@ def modelfile(from_: str | Path, adapter: str | Path | None = None, template: st
 def write_modelfile(path: str | Path, text: str, force: bool = False) -> Path:
     """Write a Modelfile atomically: complete or not at all; an existing file only with force."""
     out = check_output(Path(path), force, [])
-    with atomic_output(out) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    with atomic_output(out) as tmp:  # a name typed with non-UTF-8 bytes is written back as those bytes
+        tmp.write_bytes(text.encode("utf-8", "surrogateescape" if _escaped_only(text) else "replace"))
     return out
+
+
+def _escaped_only(text: str) -> bool:
+    """True when every lone surrogate in text is a byte Python escaped from a command line (U+DC80..U+DCFF)."""
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
 
 
 def parse_param(arg: str) -> tuple[str, Any]:
