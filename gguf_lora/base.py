@@ -139,7 +139,8 @@ def read_gguf_base(path: Path) -> BaseModel:
     tensors = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise InputError(f"Base {path} has no token_embd.weight", "every model llama.cpp runs has one; this file "
-                         "is incomplete or not a model", "convert the base again with llama.cpp's convert_hf_to_gguf.py")
+                         "is incomplete or not a model",
+                         "convert the base again with llama.cpp's convert_hf_to_gguf.py")
     _check_heads(path, arch, n_layers, n_head, n_head_kv, tensors,
                  (f"{arch_name}.block_count", f"{arch_name}.attention.head_count",
                   f"{arch_name}.attention.head_count_kv"))

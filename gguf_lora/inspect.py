@@ -107,7 +107,8 @@ def inspect(path: str | Path, base: str | Path | None = None) -> dict[str, Any]:
 
 
 def render(report: dict[str, Any]) -> str:
-    lines = [f"{printable(report['path'])}: {report['kind']}" + (f", arch {report['arch']}" if report.get("arch") else "")]
+    lines = [f"{printable(report['path'])}: {report['kind']}"
+             + (f", arch {report['arch']}" if report.get("arch") else "")]
     if report["kind"] == "peft":
         lines.append(f"  r={report['r']} lora_alpha={report['lora_alpha']} rslora={report['use_rslora']} "
                      f"base={report['base_model_name_or_path']}")

@@ -54,8 +54,8 @@ def test_bounded_matcher_is_peft_rule(pattern_keys, module_names):
     if invalid:  # refused, whether or not PEFT reaches the key for these names (it raises when it does)
         with pytest.raises(patterns.PatternError):
             patterns.first_keys(pattern_keys, module_names)
-        fz.record("rank_pattern rule vs PEFT", "invalid key refused" + (" (PEFT raises too)" if re.error in
-                                                                        expected.values() else " (PEFT never reaches it)"))
+        said = " (PEFT raises too)" if re.error in expected.values() else " (PEFT never reaches it)"
+        fz.record("rank_pattern rule vs PEFT", "invalid key refused" + said)
         return
     assert re.error not in expected.values()
     got = patterns.first_keys(pattern_keys, module_names)

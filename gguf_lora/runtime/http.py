@@ -241,7 +241,8 @@ class Http:
                     raise ServerError(f"{self.name} streamed {brief(doc, 80)} during {call}", "expected a JSON object",
                                       f"check that {self.url} is really {self.name}")
                 if "error" in doc:
-                    raise ServerError(f"{self.name} reported an error during {call}", brief(doc["error"], 300, quote=False),
+                    raise ServerError(f"{self.name} reported an error during {call}",
+                                      brief(doc["error"], 300, quote=False),
                                       "nothing was finished; fix the cause and run it again")
                 yield doc
             if deadline.fired:
