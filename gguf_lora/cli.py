@@ -103,13 +103,47 @@ def _print_left_out(left_out: list[str]) -> None:
 def _run_with_progress(as_json: bool, fn, *args):
     bar, update = _progress(not as_json)
     try:
-        with _one_blas_thread():
+        with _one_blas_thread(), _interruptible():
             if bar:
                 with bar:
                     return fn(*args, progress=update)
             return fn(*args)
     except GgufLoraError as e:
         _fail(e)
+
+
+@contextmanager
+def _interruptible():
+    """SIGTERM (systemd, `timeout`, CI cancellation) and SIGHUP (a closed terminal) stop a command exactly as
+    Ctrl-C does: Interrupted is raised in the main thread, every cleanup runs (the temporary output file is
+    removed), and the exit code is 128 + the signal number. A second signal during the cleanup is ignored,
+    so the cleanup itself cannot be cut short."""
+    import signal
+    import threading
+
+    from .errors import Interrupted
+
+    caught: list[int] = []
+
+    def handler(signum, frame):
+        if not caught:
+            caught.append(signum)
+            raise Interrupted(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        typer.echo(f"error: Interrupted by {signal.Signals(signum).name}. Nothing was written (no partial file is "
+                   "left); run the command again.", err=True)
+        raise typer.Exit(128 + signum) from None
+    finally:
+        for sig, old_handler in previous.items():
+            signal.signal(sig, old_handler)
 
 
 def _print_merge(result, as_json: bool) -> None:
@@ -148,8 +182,12 @@ def merge(
 
     from .merge import merge as do_merge, parse_adapter_arg
 
-    _print_merge(_run_with_progress(as_json, partial(do_merge, text_only=text_only), base,
-                                    [parse_adapter_arg(a) for a in adapters], output, outtype, force), as_json)
+    try:
+        pairs = [parse_adapter_arg(a) for a in adapters]
+    except GgufLoraError as e:
+        _fail(e)
+    _print_merge(_run_with_progress(as_json, partial(do_merge, text_only=text_only), base, pairs, output, outtype,
+                                    force), as_json)
 
 
 @app.command()
@@ -360,7 +398,8 @@ def deploy(
 
     say = None if as_json else (lambda msg: typer.echo(msg, err=True))
     try:
-        with _one_blas_thread():  # a merged deploy merges here
+        # a merged deploy merges here; its temporary folder (a converted or merged model) is removed on any signal
+        with _one_blas_thread(), _interruptible():
             result = do_deploy(adapter, base, name, client=Ollama(url), scale=scale, outtype=outtype.lower(),
                                prompts=prompts, store=store, progress=say, merged=merge)
     except AdapterIgnoredError as e:
@@ -404,7 +443,8 @@ def modelfile(
                 parameters = {"stop": derived.stop, **parameters}
         text = make(from_, adapter, template=template, system=system, parameters=parameters or None,
                     folder=output.resolve().parent)
-        out = write_modelfile(output, text, force)
+        with _interruptible():
+            out = write_modelfile(output, text, force)
     except GgufLoraError as e:
         _fail(e)
     typer.echo(f"wrote {out}")
@@ -414,4 +454,20 @@ app.add_typer(ollama_app, name="ollama")
 
 
 def main() -> None:
-    app()
+    # A path typed with bytes that are not UTF-8 reaches Python as lone surrogates; print such names back as
+    # the bytes they were (as ls does), whatever the locale's error handler, instead of failing to print them.
+    for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
+        try:
+            stream.reconfigure(errors=errors)
+        except (AttributeError, ValueError):
+            pass
+    try:
+        app()
+    except Exception as e:  # a bug, not bad input (those are GgufLoraErrors): still one line, no traceback
+        if os.environ.get("GGUF_LORA_DEBUG"):
+            raise
+        from .errors import one_line
+
+        typer.echo(f"error: internal error ({one_line(f'{type(e).__name__}: {e}')}). This is a bug in gguf-lora; "
+                   "run again with GGUF_LORA_DEBUG=1 and report the traceback.", err=True)
+        sys.exit(1)

@@ -17,7 +17,7 @@ from . import __version__
 from . import typerules
 from .errors import InputError
 from .mapping import PlannedPair, pair_arrays, plan, resolve_base, target_shape, text_part, transform_rows  # noqa: F401
-from .output import TensorSpec, atomic_output, check_output, write_gguf
+from .output import TensorSpec, atomic_output, check_output, utf8_text, write_gguf
 from .quants import encode
 from .peft import load_adapter
 
@@ -76,13 +76,13 @@ def convert(adapter: str | Path, base: str | Path | None = None, output: str | P
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-        writer.add_name(peft.name)
+        writer.add_name(utf8_text(peft.name))
         tokens = peft.config.get("alora_invocation_tokens")
         if tokens:
             writer.add_key_value(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS, [int(t) for t in tokens],
                                  gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
         writer.add_string("gguf_lora.version", __version__)
-        writer.add_string("gguf_lora.source", peft.name)
+        writer.add_string("gguf_lora.source", utf8_text(peft.name))
         writer.add_string("gguf_lora.source_sha256", peft.content_hash())
         # PEFT's scale of each pair, already folded into lora_b: what 'gguf-lora inspect' shows (NaN where the
         # pair joins modules of different scales, e.g. q, k and v in a fused attn_qkv: each block has its own)

@@ -8,24 +8,19 @@ import gguf
 
 from .base import is_gguf, load_base
 from .gguf_read import GGUFFile
-from .errors import GgufLoraError, InputError
+from .errors import GgufLoraError, InputError, printable
 from .mapping import plan, resolve_base, target_shape
 from .peft import PeftAdapter, load_adapter
+from .validate import usable_path
 
 
 def _gguf_report(path: Path) -> dict[str, Any]:
-    try:
-        reader = GGUFFile(path)
-    except Exception as e:
-        raise InputError(f"{path} is not a readable GGUF file ({e})", "the file is damaged or truncated", "") from None
+    reader = GGUFFile(path)  # damaged or truncated: a GGUFError naming the file and the place
     meta: dict[str, Any] = {}
-    full: dict[str, Any] = {}  # the long arrays gguf-lora reads itself
     for key, f in reader.fields.items():
         if key.startswith("GGUF."):
             continue
         value = f.contents()
-        if key in ("gguf_lora.peft_scales", "gguf_lora.peft_scale_tensors"):
-            full[key] = value
         if isinstance(value, list) and len(value) > 8:
             value = f"[{len(value)} items]"
         elif isinstance(value, str) and len(value) > 200:
@@ -43,15 +38,16 @@ def _gguf_report(path: Path) -> dict[str, Any]:
         except ValueError:
             pass
     if report["kind"] == "gguf-adapter":
-        alpha = float(meta.get("adapter.lora.alpha", 0.0))
+        alpha = float(reader.get("adapter.lora.alpha", "float", 0.0))
         shapes = {t["name"]: t["shape"] for t in tensors}
         # gguf-lora convert records PEFT's scale of each pair (it folded scale / (alpha / rank) into lora_b)
-        recorded = dict(zip(full.get("gguf_lora.peft_scale_tensors", []), full.get("gguf_lora.peft_scales", [])))
+        recorded = dict(zip(reader.get("gguf_lora.peft_scale_tensors", "strs", []),
+                            reader.get("gguf_lora.peft_scales", "floats", [])))
         report["pairs"] = []
         for name, shape in shapes.items():
-            if not name.endswith(".lora_b"):
+            if not name.endswith(".lora_b") or len(shape) not in (2, 3):
                 continue
-            tensor, runtime = name[: -len(".lora_b")], alpha / shape[-1] if alpha else 1.0
+            tensor, runtime = name[: -len(".lora_b")], alpha / shape[-1] if alpha and shape[-1] else 1.0
             scale = float(recorded.get(tensor, runtime))
             if scale != scale:  # NaN: modules of different scales share this pair (fused q/k/v), each folded
                 scale = None
@@ -87,7 +83,9 @@ def _fit_gguf_adapter(report: dict[str, Any], base_path: Path) -> str | None:
             break
         if name not in base.tensors:
             return f"{name} does not exist in the base"
-        a, b = shapes[name + ".lora_a"], shapes[name + ".lora_b"]
+        a, b = shapes.get(name + ".lora_a"), shapes[name + ".lora_b"]
+        if a is None or len(a) != 2 or a[0] != b[1]:
+            return f"{name} has lora_a {a} and lora_b {b}, not a LoRA pair that shares its rank"
         got = target_shape(name, tuple(a), tuple(b))
         if tuple(base.tensors[name]) != tuple(got):
             if len(got) == 3 and got[0] != base.tensors[name][0]:
@@ -100,12 +98,19 @@ def _fit_gguf_adapter(report: dict[str, Any], base_path: Path) -> str | None:
 
 
 def inspect(path: str | Path, base: str | Path | None = None) -> dict[str, Any]:
-    path = Path(path)
+    path = usable_path(path)
     if not path.exists():
         raise InputError(f"{path} does not exist", "", "pass a GGUF file or a PEFT adapter folder")
-    adapter = None if path.is_file() and is_gguf(path) else load_adapter(path)
+    if path.is_file() and not is_gguf(path):
+        size = path.stat().st_size
+        said = "is empty" if size == 0 else f"is a file of {size:,} bytes that does not start with the GGUF magic"
+        raise InputError(f"{path} {said}", "gguf-lora inspect reads GGUF files and PEFT adapter folders",
+                         "pass a complete .gguf (download or convert it again) or the folder that holds "
+                         "adapter_config.json")
+    adapter = None if path.is_file() else load_adapter(path)
     report = _gguf_report(path) if adapter is None else _peft_report(adapter)
     if base is not None:
+        usable_path(base, "Base ")
         if report["kind"] == "gguf-model":
             raise InputError(f"{path} is a model, not an adapter", "--base checks an adapter against a model", "")
         if adapter is not None:
@@ -123,7 +128,8 @@ def inspect(path: str | Path, base: str | Path | None = None) -> dict[str, Any]:
 
 
 def render(report: dict[str, Any]) -> str:
-    lines = [f"{report['path']}: {report['kind']}" + (f", arch {report['arch']}" if report.get("arch") else "")]
+    lines = [f"{printable(report['path'])}: {report['kind']}"
+             + (f", arch {report['arch']}" if report.get("arch") else "")]
     if report["kind"] == "peft":
         lines.append(f"  r={report['r']} lora_alpha={report['lora_alpha']} rslora={report['use_rslora']} "
                      f"base={report['base_model_name_or_path']}")
@@ -156,5 +162,5 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"  pair {p['tensor']:<45}{experts} rank {p['rank']:>4}  {types[p['tensor'] + '.lora_b']:<5} "
                          f"scale {scale}{how}")
     if "fits" in report:
-        lines.append(f"fits {report['base']}: " + ("yes" if report["fits"] else f"no: {report['problem']}"))
+        lines.append(f"fits {printable(report['base'])}: " + ("yes" if report["fits"] else f"no: {report['problem']}"))
     return "\n".join(lines)

@@ -189,14 +189,23 @@ def refuse_unsupported(adapter: PeftAdapter) -> None:
                                "bake it into the model with 'gguf-lora merge' instead")
 
 
+def _local(hint: str | None) -> Path | None:
+    """The config's base_model_name_or_path when it is an existing local path (else a hub id, or nonsense)."""
+    try:
+        p = Path(hint).expanduser() if hint else None
+        return p if p is not None and p.exists() else None
+    except (OSError, RuntimeError, ValueError):  # too long to be a path, ~unknown-user, a NUL byte
+        return None
+
+
 def resolve_base(adapter: PeftAdapter, base: str | Path | None) -> BaseModel:
     """The base the adapter lands on: the one given (checked against the one it was trained on, when that is
     a local folder), else its base_model_name_or_path when that is a local folder."""
     hint = adapter.config.get("base_model_name_or_path")
     if base is not None:
         model = load_base(base)
-        recorded = Path(hint).expanduser() if hint else None
-        if recorded and recorded.exists() and Path(base).resolve() != recorded.resolve():
+        recorded = _local(hint)
+        if recorded and Path(base).resolve() != recorded.resolve():
             try:
                 trained_on = load_base(recorded).arch.name
             except GgufLoraError:
@@ -207,8 +216,8 @@ def resolve_base(adapter: PeftAdapter, base: str | Path | None) -> BaseModel:
                                         "architecture, and the numbers would be meaningless anyway",
                                         "pass the adapter's own base model")
         return model
-    if hint and Path(hint).expanduser().exists():
-        return load_base(Path(hint).expanduser())
+    if _local(hint):
+        return load_base(_local(hint))
     said = f" (its base_model_name_or_path {hint!r} is not a local folder)" if hint else ""
     raise InputError(f"No base model for {adapter.path}{said}",
                      "the base tells the architecture, the q/k layout and every shape to check",
@@ -596,6 +605,11 @@ def transform_rows(arr: np.ndarray, transforms: tuple[str, ...], base: BaseModel
     """The row transforms the converter applies to a module's output rows (q/k permutation), on lora_b,
     or on any full tensor with those rows (DoRA magnitudes, trained weights and biases in a merge)."""
     for t in transforms:
+        heads = base.n_head if t == "permute_q" else base.n_head_kv if t == "permute_k" else None
+        if heads is not None and arr.shape[0] % (2 * heads):  # a bare config.json gave no shapes to check
+            raise BaseMismatchError(f"A tensor with {arr.shape[0]} rows cannot be split into {heads} heads of two "
+                                    "halves (the q/k permutation)", f"base {base.source} does not describe this "
+                                    "adapter's attention", "pass the adapter's own base, as a GGUF or HF folder")
         if t in ROW_TRANSFORMS:
             arr = ROW_TRANSFORMS[t](arr, base)
     return arr

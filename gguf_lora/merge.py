@@ -6,6 +6,7 @@ W' = W + Σ factor_i · B_i A_i is computed in float32, one tensor at a time, th
 """
 from __future__ import annotations
 
+import math
 import mmap
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -20,13 +21,14 @@ from .base import BaseModel, is_gguf, read_gguf_base
 from .convert import Progress
 from .mapping import (EMBEDDINGS, bias_target, pair_arrays, plan, refuse_non_text, replacement_target, target_shape,
                       text_part, transform_rows, transform_weight)
-from .gguf_read import GGUFFile, general_type
+from .gguf_read import GGUFFile, general_type, lora_reader
 from .llama_cpp import convert_hf_hint
 from .errors import AdapterError, BaseMismatchError, InputError, UnsupportedError
-from .output import TensorSpec, atomic_output, check_output, write_gguf
+from .output import TensorSpec, atomic_output, check_output, utf8_text, write_gguf
 from .peft import load_adapter, sha256_file
 from .quants import WRITABLE, decode, encode_rows
 from .typerules import OUTTYPES, is_70b, plan_types
+from .validate import usable_path
 
 Q = gguf.GGMLQuantizationType
 Pair = Callable[[], tuple[np.ndarray, np.ndarray]]  # -> (lora_a, lora_b) in llama.cpp's layout
@@ -65,36 +67,68 @@ class MergeResult:
 
 
 def parse_adapter_arg(arg: str) -> tuple[Path, float]:
-    """'path' or 'path:scale' (a path may itself hold colons: only a numeric last part is a scale)."""
+    """'path' or 'path:scale'. A path may itself hold colons: the whole argument is a path when it exists;
+    otherwise what follows the last colon is the scale, and must be a finite number."""
     head, sep, tail = arg.rpartition(":")
-    if sep:
-        try:
-            return Path(head), float(tail)
-        except ValueError:
-            pass
-    return Path(arg), 1.0
+    if not sep or (_exists(arg) and not _exists(head)):
+        return Path(arg), 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        if not _exists(head):
+            return Path(arg), 1.0  # neither a path nor path:scale; the path check names it
+        raise InputError(f"Scale {tail!r} of adapter {head} is not a number", "ADAPTER:SCALE takes a number after "
+                         "the last colon", f"write e.g. {head}:0.5") from None
+    return Path(head), check_scale(scale, head)
+
+
+def check_scale(scale: float, adapter: str | Path) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise InputError(f"Scale {scale!r} of adapter {adapter} is not a finite number",
+                         "the merged weights would be NaN or infinite", f"write e.g. {adapter}:0.5")
+    return float(scale)
+
+
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).exists()
+    except (OSError, ValueError):  # a name too long to look up is not an existing path
+        return False
 
 
 def _gguf_lora(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, list[Contribution]], str]:
-    reader = GGUFFile(path)
-    field_ = lambda k, d=None: reader.fields[k].contents() if k in reader.fields else d  # noqa: E731
-    if field_("general.type") != "adapter" or field_("adapter.type") != "lora":
-        raise InputError(f"{path} is not a GGUF LoRA adapter", "", "pass a PEFT folder or a file from gguf-lora convert")
-    if field_("general.architecture") != base.arch.name:
-        raise BaseMismatchError(f"Adapter {path} is for {field_('general.architecture')}, base is {base.arch.name}",
+    reader = lora_reader(path)  # keys typed as llama.cpp reads them
+    arch = reader.get("general.architecture", "str")
+    if arch != base.arch.name:
+        raise BaseMismatchError(f"Adapter {path} is for {arch}, base is {base.arch.name}",
                                 "llama.cpp refuses a LoRA of another architecture", "pass the adapter's own base")
-    alpha = float(field_("adapter.lora.alpha", 0.0))
+    alpha = float(reader.get("adapter.lora.alpha", "float", 0.0))
     tensors = {t.name: t for t in reader.tensors}
     out = {}
     for name, t in tensors.items():
-        if not name.endswith(".lora_a"):
+        if not name.endswith((".lora_a", ".lora_b")):
             continue
         target = name[: -len(".lora_a")]
-        tb = tensors.get(target + ".lora_b")
-        if tb is None:
-            raise AdapterError(f"{path}: {name} has no lora_b", "the file is incomplete", "convert the adapter again")
-        a_shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        ta, tb = tensors.get(target + ".lora_a"), tensors.get(target + ".lora_b")
+        if ta is None or tb is None:
+            raise AdapterError(f"{path}: {name} has no {'lora_b' if tb is None else 'lora_a'}",
+                               "the file is incomplete", "convert the adapter again")
+        if name.endswith(".lora_b"):
+            continue
+        a_shape = tuple(int(d) for d in reversed(ta.shape.tolist()))
         b_shape = tuple(int(d) for d in reversed(tb.shape.tolist()))
+        flat = len(a_shape) == len(b_shape) == 2 and a_shape[0] == b_shape[1]
+        stacked = len(a_shape) == len(b_shape) == 3 and a_shape[0] == b_shape[0] and a_shape[1] == b_shape[2]
+        if not (flat or stacked) or b_shape[-1] < 1:
+            raise AdapterError(f"{path}: pair {target} has lora_a {a_shape} and lora_b {b_shape}",
+                               "a LoRA pair is two matrices (or two stacks of one per expert) that share their rank",
+                               "convert the adapter again")
+        for x in (ta, tb):
+            try:
+                decode(x.data[:1], x.tensor_type)
+            except NotImplementedError:
+                raise UnsupportedError(f"{path}: {x.name} has type {x.tensor_type.name}, which gguf-lora cannot "
+                                       "read", "", "convert the adapter again as f16 or f32") from None
         rank = b_shape[-1]
         want = base.tensors.get(target) or (base.tensors.get("token_embd.weight") if target == "output.weight" else None)
         got = target_shape(target, a_shape, b_shape)
@@ -102,7 +136,7 @@ def _gguf_lora(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, lis
             raise BaseMismatchError(f"Adapter {path} pair {target} has shape {got}, base has "
                                     f"{tuple(want) if want else 'no such tensor'}", "the adapter is for another model",
                                     "pass the adapter's own base")
-        load = lambda ta=t, tb=tb: (decode(ta.data, ta.tensor_type), decode(tb.data, tb.tensor_type))  # noqa: E731
+        load = lambda ta=ta, tb=tb: (decode(ta.data, ta.tensor_type), decode(tb.data, tb.tensor_type))  # noqa: E731
         out[target] = [Contribution(path.name, scale * (alpha / rank if alpha else 1.0), load)]
     return out, sha256_file(path)
 
@@ -219,7 +253,9 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: st
     outtype = outtype.lower()  # Q4_K_M, as llama-quantize spells it, is q4_k_m
     if outtype != "same" and outtype not in OUTTYPES:
         raise InputError(f"Unknown output type {outtype!r}", "", f"choose one of same, {', '.join(OUTTYPES)}")
-    base = Path(base)
+    base = usable_path(base, "Base ")
+    adapters = [(usable_path(a, "Adapter "), check_scale(scale, a)) for a, scale in adapters]
+    usable_path(output, "Output ")
     if not base.is_file() or not is_gguf(base):
         raise InputError(f"Base {base} is not a GGUF file", "merge reads and writes llama.cpp model files",
                          convert_hf_hint())
@@ -339,7 +375,7 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: st
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_string("gguf_lora.version", __version__)
         if provenance:
-            writer.add_array("gguf_lora.adapters", [p["name"] for p in provenance])
+            writer.add_array("gguf_lora.adapters", [utf8_text(p["name"]) for p in provenance])
             writer.add_array("gguf_lora.adapter_sha256", [p["sha256"] for p in provenance])
             writer.add_array("gguf_lora.adapter_scales", [float(p["scale"]) for p in provenance])
 

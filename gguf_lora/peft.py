@@ -7,9 +7,7 @@ modules whose name ends with the pattern at a dot boundary (the key is a regex).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import AdapterError, InputError, UnsupportedError
-from .safetensors_io import SafetensorsFile
+from .errors import AdapterError, InputError, UnsupportedError, brief, shorten
+from .patterns import PatternError, compile_key, first_keys, get_pattern_key as _bounded_pattern_key
+from .safetensors_io import MAX_NAME, SafetensorsFile
+from .validate import KINDS, checked, is_int, load_json_object, usable_path
 
 CONFIG = "adapter_config.json"
 SAFETENSORS = "adapter_model.safetensors"
@@ -48,11 +48,9 @@ def _in_modules_to_save(module: str, cfg: dict[str, Any]) -> bool:
 
 
 def get_pattern_key(pattern_keys, key: str) -> str:
-    """PEFT's rule: the first pattern that matches the end of the module name at a dot boundary."""
-    for pattern in pattern_keys:
-        if re.match(rf"(.*\.)?({pattern})$", key):
-            return pattern
-    return key
+    """PEFT's rule: the first pattern that matches the end of the module name at a dot boundary (bounded in
+    time: see patterns.py)."""
+    return _bounded_pattern_key(pattern_keys, key)
 
 
 def peft_scale(rank: int, alpha: float, use_rslora: bool) -> float:
@@ -60,6 +58,8 @@ def peft_scale(rank: int, alpha: float, use_rslora: bool) -> float:
 
 
 def _rank_alpha(cfg: dict[str, Any], key: str) -> tuple[int, float]:
+    """PEFT's rank and alpha for one module or parameter key. load_adapter has already checked every pattern
+    key (valid, and matched in bounded time), so none raises here."""
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     return (int(rank_pattern.get(get_pattern_key(rank_pattern, key), cfg["r"])),
             float(alpha_pattern.get(get_pattern_key(alpha_pattern, key), cfg["lora_alpha"])))
@@ -218,30 +218,73 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+# Every adapter_config.json key gguf-lora reads, with the type it must have (null counts as absent). PEFT's
+# LoraConfig declares these types; a value of another type would make PEFT fail, or us compute nonsense.
+CONFIG_KEYS = {
+    "peft_type": "str", "r": "int>0", "lora_alpha": "number>=0", "use_rslora": "bool", "use_dora": "bool",
+    "rank_pattern": "dict", "alpha_pattern": "dict", "target_modules": "str|strs", "target_parameters": "strs",
+    "modules_to_save": "strs", "layer_replication": "list", "base_model_name_or_path": "str",
+    "alora_invocation_tokens": "list", "lora_bias": "bool", "bias": "str",
+}
+_CONFIG_FIX = "fix it in adapter_config.json, or use the config saved with the weights (save_pretrained)"
+
+
+def _config_error(cfg_path: Path, what: str, why: str = "") -> AdapterError:
+    return AdapterError(f"{cfg_path}: {what}", why, _CONFIG_FIX)
+
+
 def _load_config(path: Path) -> dict[str, Any]:
+    """adapter_config.json parsed and every key we use type-checked: the boundary for the config."""
     cfg_path = path / CONFIG
     if not cfg_path.is_file():
         raise InputError(f"{path} has no {CONFIG}", "a PEFT adapter folder holds its config beside its weights",
                          "pass the folder written by model.save_pretrained()")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"{cfg_path} is not valid JSON ({e})", "", "fix or re-save the adapter config") from None
-    if not isinstance(cfg, dict):
-        raise InputError(f"{cfg_path} does not hold a JSON object", "", "re-save the adapter config")
-    peft_type = str(cfg.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        raise UnsupportedError(f"{path} is a {peft_type or 'untyped'} adapter, not LoRA",
+    cfg = load_json_object(cfg_path, AdapterError, "re-save the adapter config (save_pretrained)")
+    peft_type = checked(cfg, "peft_type", "str", cfg_path, error=AdapterError, default="", fix=_CONFIG_FIX)
+    if peft_type.upper() != "LORA":
+        raise UnsupportedError(f"{path} is {'a ' + shorten(peft_type, 40) if peft_type else 'an untyped'} adapter, "
+                               "not LoRA",
                                "only LoRA adapters have a GGUF form that llama.cpp loads",
                                "train a LoRA adapter (peft_type LORA)")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key), (int, float)) or cfg[key] < 0 or (key == "r" and cfg[key] < 1):
-            raise AdapterError(f"{cfg_path} has an invalid {key}: {cfg.get(key)!r}",
-                               "PEFT needs a positive rank and a non-negative alpha", "fix the adapter config")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(cfg.get(key) or {}, dict):
-            raise AdapterError(f"{cfg_path}: {key} is not a mapping", "", "fix the adapter config")
+    for key, kind in CONFIG_KEYS.items():
+        required = key in ("r", "lora_alpha")
+        checked(cfg, key, kind, cfg_path, error=AdapterError, fix=_CONFIG_FIX,
+                **({} if required else {"default": None}))
+    for key, kind in (("rank_pattern", "int>0"), ("alpha_pattern", "number>=0")):
+        said = KINDS[kind][1]
+        for pattern, value in (cfg.get(key) or {}).items():
+            if not KINDS[kind][0](value):
+                raise _config_error(cfg_path, f"{key}[{shorten(pattern, 60)!r}] is {brief(value)}, not {said}",
+                                    "PEFT needs a positive rank and a non-negative alpha per pattern")
+            try:
+                compile_key(pattern)
+            except PatternError as e:
+                raise _config_error(cfg_path, f"{key} key {shorten(pattern, 60)!r} is not a valid regular "
+                                    f"expression ({e.reason})", "PEFT matches each key as a regex suffix of "
+                                    "module names") from None
+    tokens = cfg.get("alora_invocation_tokens")
+    if tokens is not None and not all(is_int(t) and 0 <= t < 2**32 for t in tokens):
+        raise _config_error(cfg_path, f"alora_invocation_tokens is {brief(tokens)}, not a list of token ids")
+    layers = cfg.get("layer_replication")
+    if layers is not None and not all(isinstance(x, list) and len(x) == 2 and all(is_int(i) for i in x)
+                                      for x in layers):
+        raise _config_error(cfg_path, f"layer_replication is {brief(layers)}, not a list of [start, end] pairs")
     return cfg
+
+
+def _pattern_values(adapter_path: Path, cfg: dict[str, Any], key: str, modules: list[str]) -> dict[str, Any]:
+    """module -> its value from rank_pattern / alpha_pattern under PEFT's rule, or the config's default."""
+    patterns = cfg.get(key) or {}
+    default = cfg["r" if key == "rank_pattern" else "lora_alpha"]
+    if not patterns:
+        return dict.fromkeys(modules, default)
+    try:
+        chosen = first_keys(list(patterns), modules)
+    except PatternError as e:
+        raise AdapterError(f"{adapter_path / CONFIG}: {key} key {shorten(e.pattern, 60)!r} cannot be used "
+                           f"({e.reason})", "PEFT matches each key as a regular expression against every module "
+                           "name", "simplify the key (a module name suffix such as layers.1.mlp.down_proj)") from None
+    return {m: default if chosen[m] is None else patterns[chosen[m]] for m in modules}
 
 
 def _open_weights(path: Path):
@@ -250,33 +293,72 @@ def _open_weights(path: Path):
         reader = SafetensorsFile(st)
         return st, reader, {k: (e.shape, e.dtype) for k, e in reader.entries.items()}
     if pt.is_file():
-        import torch
-
-        try:
-            sd = torch.load(pt, map_location="cpu", weights_only=True, mmap=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, OSError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise InputError(f"{pt} cannot be loaded safely ({first})",
-                             "only plain tensors are read from a pickle; anything else (code, custom classes) "
-                             "is refused", "re-save the adapter as safetensors (safe_serialization=True)") from None
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise InputError(f"{pt} does not hold a flat dict of tensors", "", "re-save the adapter as safetensors")
-        return pt, sd, {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in sd.items()}
+        return _open_pickle(pt)
     raise InputError(f"{path} has no {SAFETENSORS} or {PICKLE}", "the adapter's weights are missing",
                      "copy the whole folder written by model.save_pretrained()")
 
 
+# torch.save(..., _use_new_zipfile_serialization=False): pickle protocol 2 and torch's magic number first
+_LEGACY_TORCH = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+def _open_pickle(pt: Path):
+    """adapter_model.bin in torch's zip format, read with the weights-only unpickler and memory-mapped."""
+    try:
+        with open(pt, "rb") as f:
+            head = f.read(len(_LEGACY_TORCH))
+    except OSError as e:
+        raise InputError(f"{pt} cannot be read ({e.strerror or e})", "", "check its permissions") from None
+    if head == _LEGACY_TORCH:
+        raise InputError(f"{pt} is in PyTorch's legacy (non-zip) format",
+                         "gguf-lora reads .bin adapters only in the zip format torch.save writes since PyTorch 1.6, "
+                         "which it memory-maps and unpickles weights-only",
+                         "re-save the adapter as safetensors (save_pretrained(..., safe_serialization=True))")
+    if head[:1] == b"\x80":
+        raise InputError(f"{pt} cannot be loaded safely (it is a bare pickle, not a file torch.save wrote)",
+                         "a pickle can run code when it is read, so gguf-lora reads only torch.save's zip format, "
+                         "weights only", "re-save the adapter as safetensors (safe_serialization=True)")
+    if head[:4] != b"PK\x03\x04":
+        shown = "it is empty" if not head else f"it starts with {head[:4]!r}"
+        raise InputError(f"{pt} is not a PyTorch file ({shown})", "the file is damaged or of another format",
+                         "copy the adapter again, or re-save it as safetensors")
+    import torch
+
+    try:
+        sd = torch.load(pt, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch's own parser on untrusted bytes: any failure means an unusable file
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else type(e).__name__
+        raise InputError(f"{pt} cannot be loaded safely ({shorten(first, 200)})",
+                         "only plain tensors are read from a pickle; anything else (code, custom classes) "
+                         "is refused", "re-save the adapter as safetensors (safe_serialization=True)") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise InputError(f"{pt} does not hold a flat dict of named tensors", "", "re-save the adapter as safetensors")
+    for k, v in sd.items():
+        if v.layout != torch.strided or v.is_quantized or v.is_complex() or len(k) > MAX_NAME:
+            raise InputError(f"{pt}: tensor {shorten(k)!r} is not a plain real tensor with a usable name",
+                             f"it is {v.dtype}, layout {v.layout}" if len(k) <= MAX_NAME else
+                             f"its name has {len(k)} characters", "re-save the adapter as safetensors")
+    return pt, sd, {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in sd.items()}
+
+
 def load_adapter(path: str | Path) -> PeftAdapter:
     """Open a PEFT LoRA folder: config checked, tensors indexed (not read), ranks and scales resolved."""
-    path = Path(path)
-    if path.is_file() and path.suffix == ".gguf":
-        raise InputError(f"{path} is a GGUF file, not a PEFT adapter folder",
-                         "convert reads PEFT adapters (adapter_config.json + weights)",
-                         "to look at a GGUF use 'gguf-lora inspect'; pass it as --base if it is the base model")
+    path = usable_path(path)
     if not path.exists():
         raise InputError(f"{path} does not exist", "", "pass the folder written by model.save_pretrained()")
     if not path.is_dir():
-        raise InputError(f"{path} is a file, not a PEFT adapter folder", "",
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(4)
+        except OSError:
+            magic = b""
+        if magic == b"GGUF":
+            raise InputError(f"{path} is a GGUF file, not a PEFT adapter folder",
+                             "convert reads PEFT adapters (adapter_config.json + weights)",
+                             "to look at a GGUF use 'gguf-lora inspect'; pass it as --base if it is the base model")
+        said = "an empty file" if path.is_file() and path.stat().st_size == 0 else "a file"
+        raise InputError(f"{path} is {said}, not a PEFT adapter folder", "",
                          "pass the folder that holds adapter_config.json")
     cfg = _load_config(path)
     weights_file, reader, index = _open_weights(path)
@@ -302,6 +384,8 @@ def load_adapter(path: str | Path) -> PeftAdapter:
 
     targets = cfg.get("target_parameters") or []
     targets = [str(t) for t in targets] if isinstance(targets, list) else []  # PEFT saves a list
+    ranks = _pattern_values(path, cfg, "rank_pattern", sorted(halves))  # every key checked, matched in bounded time
+    alphas = _pattern_values(path, cfg, "alpha_pattern", sorted(halves))
     pairs: dict[str, LoraPair] = {}
     for module, slot in sorted(halves.items()):
         if "A" not in slot or "B" not in slot:
@@ -322,7 +406,7 @@ def load_adapter(path: str | Path) -> PeftAdapter:
         if pair.wrapper:
             pairs[module] = _param_wrapper(cfg, pair)
             continue
-        r_cfg, alpha = _rank_alpha(cfg, module)
+        r_cfg, alpha = int(ranks[module]), float(alphas[module])
         if r_cfg != rank:
             raise AdapterError(f"Module {module} has rank {rank} in its weights but {r_cfg} in {CONFIG}",
                                "the config does not describe these weights, so PEFT's scale would be unknown",

@@ -16,6 +16,8 @@ from typing import Callable
 import gguf
 import numpy as np
 
+from . import finite
+
 Q = gguf.GGMLQuantizationType
 QK_K = 256
 GROUP_MAX_EPS = np.float32(1e-15)
@@ -473,7 +475,8 @@ def _encode_into(rows: np.ndarray, qtype: Q, out: np.ndarray) -> None:
         else:
             getattr(jit, _JIT_KERNELS[qtype])(x, y, jit.F16_TO_F32)
     elif qtype == Q.F16:
-        out.view(np.float16)[...] = rows
+        with np.errstate(over="ignore"):  # values beyond F16 become Inf here; finite.check reports them
+            out.view(np.float16)[...] = rows
     else:
         out[...] = _encode_rows(rows, qtype).view(np.uint8).reshape(out.shape)
 
@@ -494,6 +497,7 @@ def encode_rows(shape: tuple[int, ...], qtype: Q, rows: Callable[[slice], np.nda
         sl = slice(i, min(i + step, n_rows))
         block = np.ascontiguousarray(rows(sl), dtype=np.float32)
         _encode_into(block.reshape(-1, n_cols), qtype, out[sl])
+        finite.check(out[sl], qtype, block)  # after the conversion: a finite float32 can overflow the type
 
     if n_rows <= step:
         one(0)

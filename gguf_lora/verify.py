@@ -203,7 +203,7 @@ def read_prompts(path: str | Path) -> list[dict]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read prompts from {path}", str(e), "pass a UTF-8 text or JSONL file") from None
+        raise InputError(f"Cannot read prompts from {path}", str(e), "pass a UTF-8 text or JSONL file") from None
     items = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -239,7 +239,7 @@ def _import_torch_stack():
         except ImportError:
             missing.append(name)
     if missing:
-        raise MissingDependencyError(f"verify needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+        raise MissingDependencyError(f"Verify needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
                                      "not installed", "the reference is the adapter run by transformers + peft in "
                                      "PyTorch", "install them with: pip install 'gguf-lora[verify]'")
 
@@ -268,7 +268,7 @@ class Reference:
                 self.model = PeftModel.from_pretrained(model, adapter).eval()
         except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise InputError(f"transformers + peft could not load the reference ({first})",
+            raise InputError(f"Transformers + peft could not load the reference ({first})",
                              f"the HF base is {hf_base}, the adapter {adapter}",
                              "pass the Hugging Face folder of the model the adapter was trained on with --hf-base"
                              ) from None
@@ -756,7 +756,7 @@ def _hf_base_for(adapter: PeftAdapter, hf_base: str | Path | None) -> Path:
         hint = adapter.config.get("base_model_name_or_path")
         if not hint or not Path(hint).expanduser().is_dir():
             said = f" (its base_model_name_or_path {hint!r} is not a local folder)" if hint else ""
-            raise InputError(f"no Hugging Face base for {adapter.path}{said}",
+            raise InputError(f"No Hugging Face base for {adapter.path}{said}",
                              "verify runs the adapter in transformers + peft as the reference",
                              "pass --hf-base HF_MODEL_FOLDER (the model the adapter was trained on)")
         hf_base = Path(hint).expanduser()
@@ -806,15 +806,15 @@ def verify(adapter: str | Path, base: str | Path, files: list[str | Path] = (), 
     default chat prompts. dtype: "float32", or "auto" for the checkpoint's own dtype."""
     say = progress or (lambda msg: None)
     if tokens < 1 or top_k < 1:
-        raise InputError("tokens and top-k must be at least 1", f"got {tokens} and {top_k}", "")
+        raise InputError("Tokens and top-k must be at least 1", f"got {tokens} and {top_k}", "")
     if dtype not in ("float32", "auto"):
-        raise InputError(f"unknown dtype {dtype!r}", "", "use float32 or auto (the checkpoint's own dtype)")
+        raise InputError(f"Unknown dtype {dtype!r}", "", "use float32 or auto (the checkpoint's own dtype)")
     _import_torch_stack()
     peft = load_adapter(adapter)
     hf_dir = _hf_base_for(peft, hf_base)
     base = Path(base)
     if not base.is_file():
-        raise InputError(f"base GGUF {base} does not exist", "", "pass the base model GGUF with --base")
+        raise InputError(f"Base GGUF {base} does not exist", "", "pass the base model GGUF with --base")
     model = read_gguf_base(base)
     base_types, _, base_template, gguf_vocab = _gguf_info(base)
     items = (read_prompts(prompts) if isinstance(prompts, (str, Path)) else

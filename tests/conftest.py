@@ -38,3 +38,16 @@ def chat_model(tmp_path_factory):
         peft_folder = tiny.make_adapter(root / "hf", root / "peft" / name, seed=seed)
         convert(peft_folder, base, root / "adapters" / f"{name}.gguf")
     return base, root / "adapters"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fuzz suite's tally: how many generated cases ran per property, and what they found."""
+    support = sys.modules.get("fuzz_support")
+    lines = support.summary() if support else []
+    if lines:
+        terminalreporter.section("fuzz cases")
+        for line in lines:
+            terminalreporter.write_line(line)
+        report = os.environ.get("GGUF_LORA_FUZZ_REPORT")
+        if report:
+            Path(report).write_text("\n".join(lines) + "\n")

@@ -21,8 +21,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import InputError, ServerError, ServerUnreachable
+from ..errors import InputError, ServerError, ServerUnreachable, brief
 from ..llama_cpp import find_tool
+from ..validate import usable_path
 from .http import Http
 
 # What a request may name: None = the server's current global selection; a name; names at scale 1;
@@ -84,17 +85,17 @@ class LlamaServer:
             time.sleep(0.1)
 
     def props(self) -> dict:
-        return self.http.json("GET", "/props")
+        return _object(self.http.json("GET", "/props"), "/props")
 
     def adapters(self) -> list[Adapter]:
         doc = self.http.json("GET", "/lora-adapters")
         if not isinstance(doc, list):
-            raise ServerError("llama-server's /lora-adapters is not a list", f"got {str(doc)[:80]}",
+            raise ServerError("llama-server's /lora-adapters is not a list", f"got {brief(doc, 80)}",
                               "check the server version")
         try:
             return [Adapter(int(a["id"]), Path(a["path"]).stem, a["path"], float(a["scale"])) for a in doc]
         except (KeyError, TypeError, ValueError) as e:
-            raise ServerError("llama-server's /lora-adapters has an unexpected shape", f"{e!r} in {str(doc)[:80]}",
+            raise ServerError("llama-server's /lora-adapters has an unexpected shape", f"{e!r} in {brief(doc, 80)}",
                               "check the server version")
 
     def scales(self, selection: Selection, adapters: list[Adapter] | None = None) -> dict[int, float]:
@@ -130,7 +131,7 @@ class LlamaServer:
         if adapters:
             body["lora"] = [{"id": i, "scale": s} for i, s in self.scales(adapter, adapters).items()]
         elif adapter not in (None, {}, [], ()):
-            raise InputError(f"adapter {adapter!r} was asked for, but the server at {self.url} has none loaded",
+            raise InputError(f"Adapter {adapter!r} was asked for, but the server at {self.url} has none loaded",
                              "llama-server loads adapters only at start-up (--lora)",
                              "restart it with the adapters (gguf-lora serve --adapters DIR)")
         body.setdefault("cache_prompt", self.prompt_cache)
@@ -139,13 +140,21 @@ class LlamaServer:
     def complete(self, prompt: str | list[int], *, adapter: Selection = None, n_predict: int = 64,
                  **params) -> dict:
         """POST /completion with an explicit, full adapter list. Returns llama-server's JSON (`content`, ...)."""
-        return self.http.json("POST", "/completion", json=self._body(adapter, {"prompt": prompt,
-                                                                               "n_predict": n_predict, **params}))
+        return _object(self.http.json("POST", "/completion", json=self._body(
+            adapter, {"prompt": prompt, "n_predict": n_predict, **params})), "/completion")
 
     def chat(self, messages: list[dict], *, adapter: Selection = None, **params) -> dict:
         """POST /v1/chat/completions (OpenAI shape) with an explicit, full adapter list."""
-        return self.http.json("POST", "/v1/chat/completions", json=self._body(adapter, {"messages": messages,
-                                                                                        **params}))
+        return _object(self.http.json("POST", "/v1/chat/completions", json=self._body(
+            adapter, {"messages": messages, **params})), "/v1/chat/completions")
+
+
+def _object(doc, path: str) -> dict:
+    """A JSON answer that must be an object (callers index it: ["content"], ["choices"])."""
+    if not isinstance(doc, dict):
+        raise ServerError(f"llama-server answered {path} with {brief(doc, 80)}", "expected a JSON object",
+                          "check the server version")
+    return doc
 
 
 def _find(adapters: list[Adapter], key: str | int) -> Adapter:
@@ -155,21 +164,22 @@ def _find(adapters: list[Adapter], key: str | int) -> Adapter:
         hit = [a for a in adapters if key in (a.name, a.path)] or [a for a in adapters if Path(a.path).name == key]
     names = ", ".join(a.name for a in adapters) or "none"
     if not hit:
-        raise InputError(f"no adapter named {key!r} on the server", f"it has: {names}",
+        raise InputError(f"No adapter named {key!r} on the server", f"it has: {names}",
                          "use one of those names (gguf-lora adapters list)")
     if len(hit) > 1:
-        raise InputError(f"adapter name {key!r} is ambiguous", "; ".join(f"id {a.id}: {a.path}" for a in hit),
+        raise InputError(f"Adapter name {key!r} is ambiguous", "; ".join(f"id {a.id}: {a.path}" for a in hit),
                          "address it by its path or id")
     return hit[0]
 
 
 def adapter_files(adapters: str | Path | Iterable[str | Path]) -> list[Path]:
     """Folders (every GGUF LoRA in each, by name) and GGUF LoRA files, in order; names must be unique."""
-    from ..gguf_read import general_type  # here, not at the top: numpy and gguf stay out of `adapters use`
+    from ..gguf_read import general_type, lora_reader  # here, not at the top: numpy and gguf stay out
+    # of `adapters use`
 
     items = [adapters] if isinstance(adapters, (str, Path)) else list(adapters)
     files: list[Path] = []
-    for item in map(Path, items):
+    for item in (usable_path(i, "Adapter ") for i in items):
         if item.is_dir():
             found = [p for p in sorted(item.glob("*.gguf")) if general_type(p) == "adapter"]
             if not found:
@@ -177,16 +187,18 @@ def adapter_files(adapters: str | Path | Iterable[str | Path]) -> list[Path]:
                                  "general.type=adapter", "convert adapters into it (gguf-lora convert ... -o DIR/NAME.gguf)")
             files += found
         elif not item.is_file():
-            raise InputError(f"adapter {item} does not exist", "", "check the path")
+            raise InputError(f"Adapter {item} does not exist", "", "check the path")
         elif general_type(item) != "adapter":
             raise InputError(f"{item} is not a GGUF LoRA adapter", "its general.type is not 'adapter'",
                              "pass adapters converted with gguf-lora convert")
         else:
             files.append(item)
+    for f in files:
+        lora_reader(f)  # llama-server aborts (GGML_ASSERT) on an adapter whose keys have other types
     stems = [p.stem for p in files]
     dupes = sorted({s for s in stems if stems.count(s) > 1})
     if dupes:
-        raise InputError(f"two adapters are named {dupes[0]!r}", "adapters are addressed by file name",
+        raise InputError(f"Two adapters are named {dupes[0]!r}", "adapters are addressed by file name",
                          "rename one of them")
     return files
 
@@ -221,9 +233,9 @@ class ManagedServer:
                  api_key: str | None = None, extra_args: Iterable[str] = (), log: str | Path | None = None,
                  ready_timeout: float = 120.0, scales: Selection = (), prompt_cache: bool = False,
                  append_log: bool = False):
-        self.base = Path(base)
+        self.base = usable_path(base, "Base model ")
         if not self.base.is_file():
-            raise InputError(f"base model {self.base} does not exist", "", "pass the base GGUF the adapters were "
+            raise InputError(f"Base model {self.base} does not exist", "", "pass the base GGUF the adapters were "
                              "converted for")
         self.adapters = adapter_files(adapters) if adapters else []
         self.extra_args = list(extra_args)
@@ -338,7 +350,7 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as e:
-            raise InputError(f"cannot listen on {host}:{port}", e.strerror or str(e),
+            raise InputError(f"Cannot listen on {host}:{port}", e.strerror or str(e),
                              "pass another --port (or stop what uses it)") from None
 
 

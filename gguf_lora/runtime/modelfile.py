@@ -76,8 +76,12 @@ def quote(value: str, what: str = "value") -> str:
 def _path_or_name(value: str | Path, folder: Path | None) -> str:
     """Files as ./relative paths when inside the Modelfile's folder (Ollama resolves them there), else absolute;
     anything that is not an existing file is an Ollama model name and stays as it is."""
-    p = Path(value).expanduser()
-    if not (isinstance(value, Path) or p.is_file() or str(value).endswith(".gguf")):
+    try:
+        p = Path(value).expanduser()
+        is_file = p.is_file()
+    except (OSError, RuntimeError, ValueError):  # ~unknown-user, a name too long to be a path: an Ollama name
+        p, is_file = Path(value), False
+    if not (isinstance(value, Path) or is_file or str(value).endswith(".gguf")):
         return str(value)
     p = p.resolve()
     if folder is not None:
@@ -121,9 +125,14 @@ def modelfile(from_: str | Path, adapter: str | Path | None = None, template: st
 def write_modelfile(path: str | Path, text: str, force: bool = False) -> Path:
     """Write a Modelfile atomically: complete or not at all; an existing file only with force."""
     out = check_output(Path(path), force, [])
-    with atomic_output(out) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    with atomic_output(out) as tmp:  # a name typed with non-UTF-8 bytes is written back as those bytes
+        tmp.write_bytes(text.encode("utf-8", "surrogateescape" if _escaped_only(text) else "replace"))
     return out
+
+
+def _escaped_only(text: str) -> bool:
+    """True when every lone surrogate in text is a byte Python escaped from a command line (U+DC80..U+DCFF)."""
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
 
 
 def parse_param(arg: str) -> tuple[str, Any]:
@@ -176,21 +185,21 @@ def template_from_gguf(path: str | Path) -> ChatTemplate:
     and from the file's own end tokens (eos, eot, eom)."""
     from ..base import is_gguf
     from ..gguf_read import GGUFFile
+    from ..validate import usable_path
 
-    path = Path(path)
+    path = usable_path(path)
     if not path.is_file() or not is_gguf(path):
         raise InputError(f"{path} is not a GGUF file", "a chat template is read from a GGUF model's metadata",
                          "pass the base model's .gguf")
-    fields = GGUFFile(path).fields
-    get = lambda k: fields[k].value if k in fields else None
-    tokens = get("tokenizer.ggml.tokens") or []
+    reader = GGUFFile(path)  # truncated or damaged: a GGUFError naming the file; values are type-checked
+    tokens = reader.get("tokenizer.ggml.tokens", "strs", [])
     stop: list[str] = []
-    jinja = get("tokenizer.chat_template")
+    jinja = reader.get("tokenizer.chat_template", "str", None)
     family = family_of(jinja) if isinstance(jinja, str) else None
     if family:
         stop += FAMILIES[family]["stop"]
     for key in ("eos", "eot", "eom"):
-        tid = get(f"tokenizer.ggml.{key}_token_id")
+        tid = reader.get(f"tokenizer.ggml.{key}_token_id", "int", None)
         if isinstance(tid, int) and 0 <= tid < len(tokens) and tokens[tid] not in stop:
             stop.append(tokens[tid])
     if family:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import GgufLoraError, InputError, ServerError, UnsupportedError
+from ..errors import GgufLoraError, InputError, ServerError, UnsupportedError, brief
 from ..gguf_read import general_type
 from ..peft import sha256_file
 from .http import Http
@@ -93,7 +93,7 @@ class Ollama:
     def version(self) -> str:
         doc = self.http.json("GET", "/api/version", timeout=10)
         if not isinstance(doc, dict) or not isinstance(doc.get("version"), str):
-            raise ServerError(f"{self.url} answered /api/version with {str(doc)[:80]!r}", "expected {\"version\": ...}",
+            raise ServerError(f"{self.url} answered /api/version with {brief(doc, 80)}", "expected {\"version\": ...}",
                               "check that the URL is Ollama")
         return doc["version"]
 
@@ -142,7 +142,7 @@ class Ollama:
     def list(self) -> list[dict]:
         doc = self.http.json("GET", "/api/tags", timeout=30)
         if not isinstance(doc, dict) or not isinstance(doc.get("models", []), list):
-            raise ServerError(f"{self.url} answered /api/tags with {str(doc)[:80]!r}", "expected {\"models\": [...]}",
+            raise ServerError(f"{self.url} answered /api/tags with {brief(doc, 80)}", "expected {\"models\": [...]}",
                               "check that the URL is Ollama")
         return doc.get("models") or []
 
@@ -159,8 +159,12 @@ class Ollama:
     def show(self, model: str) -> dict:
         doc = self._known(model, lambda: self.http.json("POST", "/api/show", json={"model": model}, timeout=60))
         if not isinstance(doc, dict):
-            raise ServerError(f"{self.url} answered /api/show with {str(doc)[:80]!r}", "expected an object",
+            raise ServerError(f"{self.url} answered /api/show with {brief(doc, 80)}", "expected an object",
                               "check that the URL is Ollama")
+        for key in ("template", "system", "parameters"):  # the fields deploy carries over
+            if doc.get(key) is not None and not isinstance(doc[key], str):
+                raise ServerError(f"Ollama's /api/show answer for {model} has {key} = {brief(doc[key], 60)}",
+                                  "expected text", "check that the URL is Ollama")
         return doc
 
     def delete(self, model: str) -> None:
@@ -173,7 +177,8 @@ class Ollama:
 
     def chat(self, model: str, messages: list[dict], options: dict | None = None, stream: bool = False) -> str:
         body = {"model": model, "messages": messages, "stream": stream, "options": options or {}}
-        return self._text("/api/chat", body, lambda d: (d.get("message") or {}).get("content", ""))
+        return self._text("/api/chat", body, lambda d: d["message"].get("content", "")
+                          if isinstance(d.get("message"), dict) else d.get("message"))
 
     def _text(self, path: str, body: dict, piece: Callable[[dict], str]) -> str:
         """The final text of a generation, whether Ollama streams NDJSON or answers one JSON document."""
@@ -181,7 +186,11 @@ class Ollama:
         lines = self.http.ndjson("POST", path, json=body)  # a generator: the request goes out on the first next()
         first = self._known(body["model"], lambda: next(lines, None))
         for doc in itertools.chain([first] if first is not None else [], lines):
-            parts.append(piece(doc) or "")
+            text = piece(doc)
+            if text is not None and not isinstance(text, str):
+                raise ServerError(f"Ollama's answer to {path} for {body['model']} holds {brief(text, 60)} as text",
+                                  "expected a string", "check that the URL is Ollama")
+            parts.append(text or "")
             done = done or bool(doc.get("done"))
         if not done:
             raise ServerError(f"Ollama's answer to {path} for {body['model']} ended before done", "the stream was cut",
@@ -294,7 +303,17 @@ class DeployResult:
 def _is_file_gguf(path: Path) -> bool:
     from ..base import is_gguf
 
-    return path.is_file() and is_gguf(path)
+    try:
+        return path.is_file() and is_gguf(path)
+    except (OSError, ValueError):  # a name too long to be a path: an Ollama model name, or nothing
+        return False
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def _parse_show_parameters(text: str) -> dict[str, Any]:
@@ -339,7 +358,9 @@ def deploy(adapter: str | Path, base: str | Path, name: str, *, client: Ollama, 
     if scale == 0 or math.isnan(scale):
         raise InputError(f"Scale {scale:g} is not usable", "at scale 0 (or NaN) the model would be the base, or broken",
                          "pass a non-zero scale such as 1.0")
-    adapter = Path(adapter)
+    from ..validate import usable_path
+
+    adapter = usable_path(adapter, "Adapter ")
     if _is_file_gguf(adapter):
         if general_type(adapter) != "adapter":
             raise InputError(f"{adapter} is a GGUF but not an adapter (general.type is not 'adapter')",
@@ -359,7 +380,10 @@ def deploy(adapter: str | Path, base: str | Path, name: str, *, client: Ollama, 
 
     base_name: str | None = None
     carried: dict[str, Any] = {}
-    base_path = Path(str(base)).expanduser()
+    try:
+        base_path = Path(str(base)).expanduser()
+    except RuntimeError:  # ~unknown-user: not a path
+        base_path = Path(str(base))
     if _is_file_gguf(base_path):
         base_gguf = base_path
         if general_type(base_gguf) == "adapter":
@@ -372,7 +396,7 @@ def deploy(adapter: str | Path, base: str | Path, name: str, *, client: Ollama, 
         if tpl.stop:
             carried["parameters"] = {"stop": tpl.stop}
         template_note = f"from the base GGUF: {tpl.reason}"
-    elif base_path.exists() or str(base).endswith(".gguf"):
+    elif _exists(base_path) or str(base).endswith(".gguf"):
         raise InputError(f"Base {base} is not a GGUF file", "deploy takes an Ollama model name or a base .gguf",
                          "check the path")
     else:

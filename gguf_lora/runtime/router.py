@@ -152,7 +152,7 @@ class Router:
                  unknown_model: str = "error", watch: float | None = 1.0, notify: Notify | None = None):
         self.base = Path(base)
         if not self.base.is_file():
-            raise InputError(f"base model {self.base} does not exist", "", "pass the base GGUF the adapters were "
+            raise InputError(f"Base model {self.base} does not exist", "", "pass the base GGUF the adapters were "
                              "converted for")
         self.sources = [Path(a) for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]
         self.files = adapter_files(self.sources) if self.sources else []
@@ -164,16 +164,16 @@ class Router:
                                  in OWN_FLAGS else "a restored slot would reuse KV computed under another adapter",
                                  "use the matching gguf-lora option instead, or drop it")
         if unknown_model not in UNKNOWN_MODEL:
-            raise InputError(f"unknown-model policy {unknown_model!r} is not one of {', '.join(UNKNOWN_MODEL)}", "",
+            raise InputError(f"Unknown-model policy {unknown_model!r} is not one of {', '.join(UNKNOWN_MODEL)}", "",
                              "pass error (a 404 listing the models) or selection (the 'adapters use' selection)")
         stems = {p.stem for p in self.files}
         for name in scales or {}:
             if name not in stems:
-                raise InputError(f"no adapter named {name!r} on the server",
+                raise InputError(f"No adapter named {name!r} on the server",
                                  f"it has: {', '.join(sorted(stems)) or 'none'}",
                                  "use one of those names (gguf-lora adapters list)")
         if self.base.stem in stems:
-            raise InputError(f"adapter {self.base.stem!r} has the base model's name", "clients pick models by name",
+            raise InputError(f"Adapter {self.base.stem!r} has the base model's name", "clients pick models by name",
                              "rename the adapter file")
         if port:
             _check_port_free(host, port)
@@ -267,7 +267,7 @@ class Router:
             await site.start()
         except OSError as e:
             await runner.cleanup()
-            raise InputError(f"cannot listen on {self.host}:{self.port}", e.strerror or str(e),
+            raise InputError(f"Cannot listen on {self.host}:{self.port}", e.strerror or str(e),
                              "pass another --port (or stop what uses it)") from None
         if self.port == 0:
             self.port = runner.addresses[0][1]
