@@ -9,7 +9,7 @@ import gguf
 from .base import is_gguf, load_base
 from .gguf_read import GGUFFile
 from .errors import GgufLoraError, InputError, printable
-from .mapping import plan, resolve_base, target_shape
+from .mapping import pair_rank, plan, resolve_base, target_shape
 from .peft import PeftAdapter, load_adapter
 from .validate import usable_path
 
@@ -84,7 +84,7 @@ def _fit_gguf_adapter(report: dict[str, Any], base_path: Path) -> str | None:
         if name not in base.tensors:
             return f"{name} does not exist in the base"
         a, b = shapes.get(name + ".lora_a"), shapes[name + ".lora_b"]
-        if a is None or len(a) != 2 or a[0] != b[1]:
+        if a is None or pair_rank(name, tuple(a), tuple(b)) is None:
             return f"{name} has lora_a {a} and lora_b {b}, not a LoRA pair that shares its rank"
         got = target_shape(name, tuple(a), tuple(b))
         if tuple(base.tensors[name]) != tuple(got):

@@ -235,6 +235,19 @@ def _converted_as(hf_folder: Path, base: BaseModel) -> bool:
         return False
 
 
+def pair_rank(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> int | None:
+    """The rank two GGUF tensors share as llama.cpp reads a pair, or None when they are no pair: lora_a (r, in)
+    and lora_b (out, r); an embedding's lora_a (vocab, r) and lora_b (n_embd, r); an expert pair (E, r, in) and
+    (E, out, r)."""
+    if len(a_shape) == len(b_shape) == 3 and a_shape[0] == b_shape[0] and a_shape[1] == b_shape[2]:
+        rank = b_shape[2]
+    elif len(a_shape) == len(b_shape) == 2 and a_shape[1 if name in EMBEDDINGS else 0] == b_shape[1]:
+        rank = b_shape[1]
+    else:
+        return None
+    return rank if rank > 0 else None
+
+
 def target_shape(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The base tensor shape a pair in llama.cpp's layout fits (token_embd's pair is stored flipped; an
     expert pair (E, r, in) / (E, out, r) fits (E, out, in), and both must agree on E)."""

@@ -19,8 +19,8 @@ import numpy as np
 from . import __version__
 from .base import BaseModel, is_gguf, read_gguf_base
 from .convert import Progress
-from .mapping import (EMBEDDINGS, bias_target, pair_arrays, plan, refuse_non_text, replacement_target, target_shape,
-                      text_part, transform_rows, transform_weight)
+from .mapping import (EMBEDDINGS, bias_target, pair_arrays, pair_rank, plan, refuse_non_text, replacement_target,
+                      target_shape, text_part, transform_rows, transform_weight)
 from .gguf_read import GGUFFile, general_type, lora_reader
 from .llama_cpp import convert_hf_hint
 from .errors import AdapterError, BaseMismatchError, InputError, UnsupportedError
@@ -117,9 +117,8 @@ def _gguf_lora(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, lis
             continue
         a_shape = tuple(int(d) for d in reversed(ta.shape.tolist()))
         b_shape = tuple(int(d) for d in reversed(tb.shape.tolist()))
-        flat = len(a_shape) == len(b_shape) == 2 and a_shape[0] == b_shape[1]
-        stacked = len(a_shape) == len(b_shape) == 3 and a_shape[0] == b_shape[0] and a_shape[1] == b_shape[2]
-        if not (flat or stacked) or b_shape[-1] < 1:
+        rank = pair_rank(target, a_shape, b_shape)
+        if rank is None:
             raise AdapterError(f"{path}: pair {target} has lora_a {a_shape} and lora_b {b_shape}",
                                "a LoRA pair is two matrices (or two stacks of one per expert) that share their rank",
                                "convert the adapter again")
@@ -129,7 +128,6 @@ def _gguf_lora(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, lis
             except NotImplementedError:
                 raise UnsupportedError(f"{path}: {x.name} has type {x.tensor_type.name}, which gguf-lora cannot "
                                        "read", "", "convert the adapter again as f16 or f32") from None
-        rank = b_shape[-1]
         want = base.tensors.get(target) or (base.tensors.get("token_embd.weight") if target == "output.weight" else None)
         got = target_shape(target, a_shape, b_shape)
         if want is None or tuple(want) != got:
@@ -316,12 +314,13 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: st
 
     page = mmap.PAGESIZE
 
-    def release(t) -> None:
-        """Drop the base's pages of a tensor already used: they are file-backed and would otherwise count
-        towards the process's resident memory until the whole model is mapped."""
-        start = t.data_offset - t.data_offset % page
+    def release(offset: int, n_bytes: int) -> None:
+        """Drop the base's pages of bytes already used: they are file-backed and would otherwise count towards
+        the process's resident memory until the whole model is mapped. The mapping is read-only and shared, so a
+        page another thread still reads (a neighbouring slice's first or last one) is simply read in again."""
+        start = offset - offset % page
         try:
-            reader.data._mmap.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
+            reader.data._mmap.madvise(mmap.MADV_DONTNEED, start, offset + n_bytes - start)
         except (AttributeError, OSError, ValueError):
             pass  # no madvise on this platform: only the RSS figure suffers
 
@@ -329,7 +328,8 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: st
         spec = specs[i]
         # tensor i-1 may still be being written (it is produced one ahead): release the one before it
         if i > 1 and specs[i - 2].name not in new_biases:
-            release(source(specs[i - 2].name))
+            done = source(specs[i - 2].name)
+            release(done.data_offset, done.n_bytes)
         if spec.name in new_biases:
             w = np.zeros((1, spec.shape[0]), np.float32)
             for c in contributions[spec.name]:
@@ -346,8 +346,14 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: st
         prepared = [prepare(spec.name, c) for c in contributions.get(spec.name, [])]
         data = t.data.reshape(-1, t.data.shape[-1]) if t.data.ndim > 1 else t.data.reshape(1, -1)
 
+        row_bytes = data.shape[-1] * data.dtype.itemsize
+
         def rows(sl: slice) -> np.ndarray:
             w = decode(data[sl], t.tensor_type).reshape(-1, spec.shape[-1])
+            if not np.may_share_memory(w, data):  # decoded into memory of its own (not a view of F32 bytes)
+                # an embedding of 128k rows is 1 GB in F16: its pages go as soon as each slice is decoded
+                start = sl.start or 0
+                release(t.data_offset + start * row_bytes, (min(sl.stop, len(data)) - start) * row_bytes)
             if prepared:
                 w = w if w.flags.writeable and w.base is None else w.copy()
                 with np.errstate(over="ignore", invalid="ignore"):  # reported below, naming the tensor
