@@ -86,6 +86,9 @@ def check_scale(scale: float, adapter: str | Path) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise InputError(f"Scale {scale!r} of adapter {adapter} is not a finite number",
                          "the merged weights would be NaN or infinite", f"write e.g. {adapter}:0.5")
+    if abs(scale) > 3.4028234663852886e38:  # float32's largest: the scale is recorded (and applied) in float32
+        raise InputError(f"Scale {scale!r} of adapter {adapter} is beyond float32's range (±3.4e38)",
+                         "the merged weights would be infinite", f"write e.g. {adapter}:0.5")
     return float(scale)
 
 
@@ -401,7 +404,8 @@ def quantize(source: str | Path, output: str | Path, outtype: str, force: bool =
     if outtype not in OUTTYPES:  # 'same' included: it would copy the file
         raise InputError(f"Unknown output type {outtype!r}", "quantize writes one of llama-quantize's types",
                          f"choose one of {', '.join(OUTTYPES)}")
-    source = Path(source)
+    source = usable_path(source, "Input ")
+    usable_path(output, "Output ")
     if not source.is_file() or not is_gguf(source):
         raise InputError(f"Input {source} is not a GGUF file", "quantize reads and writes llama.cpp model files",
                          convert_hf_hint())
