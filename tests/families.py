@@ -82,12 +82,36 @@ def _qwen3vl(T):
     return T.Qwen3VLForConditionalGeneration(cfg), "spm"
 
 
+# Mixture-of-experts variants (tests/test_moe_families.py): 4 experts, top-2, expert ffn 48 (so that no expert
+# tensor is square: transformers tells its two layouts of qwen3vlmoe's experts apart by shape alone).
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1, mlp_only_layers=[],
+           norm_topk_prob=True)
+
+
+def _qwen3vlmoe(T):
+    text = dict(**BASE, head_dim=16, model_type="qwen3_vl_moe_text", **MOE,
+                rope_parameters={**MROPE, "mrope_interleaved": True})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                  deepstack_visual_indexes=[], patch_size=16, num_position_embeddings=16)
+    cfg = T.Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, image_token_id=120,
+                             video_token_id=121, vision_start_token_id=122, vision_end_token_id=123)
+    return T.Qwen3VLMoeForConditionalGeneration(cfg), "spm"
+
+
+# Families whose released checkpoints store the experts transposed against transformers' modules, as
+# (E, hidden, 2 x ffn) and (E, ffn, hidden): transformers transposes them on load (conversion_mapping.py
+# Transpose(1, 2, check_dims=True)) and saves them back untransposed (the reverse op sees the module's shape
+# and keeps it), while llama.cpp's converter expects the released layout (conversion/qwen3vl.py
+# Qwen3VLMoeTextModel.modify_tensors). make_base writes the released layout, as a downloaded checkpoint has.
+HUB_TRANSPOSED = {"qwen3vlmoe": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")}
+
 FAMILIES = {
     "qwen35": _qwen35,
     "gemma4": _gemma4,
     "mistral3": _mistral3,
     "qwen2vl": _qwen2vl,
     "qwen3vl": _qwen3vl,
+    "qwen3vlmoe": _qwen3vlmoe,
     "smollm3": lambda T: (T.SmolLM3ForCausalLM(T.SmolLM3Config(**BASE, tie_word_embeddings=False)), "spm"),
     "granite": lambda T: (T.GraniteForCausalLM(T.GraniteConfig(
         **BASE, tie_word_embeddings=False, embedding_multiplier=2.0, residual_multiplier=0.5,
@@ -112,9 +136,22 @@ def make_base(family: str, folder: Path, seed: int = 0) -> torch.nn.Module:
     model = model.float().eval()
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
+    if family in HUB_TRANSPOSED:
+        _transpose_experts(folder, HUB_TRANSPOSED[family])
     for name, data in _tokenizer_files(tokenizer).items():
         (folder / name).write_bytes(data)
     return model
+
+
+def _transpose_experts(folder: Path, suffixes: tuple[str, ...]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    for f in folder.glob("*.safetensors"):
+        tensors = load_file(f)
+        hits = [k for k in tensors if k.endswith(suffixes)]
+        assert hits and all(tensors[k].shape[1] != tensors[k].shape[2] for k in hits)  # else the layout is ambiguous
+        save_file({k: v.transpose(1, 2).contiguous() if k in hits else v for k, v in tensors.items()}, f,
+                  metadata={"format": "pt"})
 
 
 def load_model(folder: Path) -> torch.nn.Module:
