@@ -98,6 +98,20 @@ def _qwen3vlmoe(T):
     return T.Qwen3VLMoeForConditionalGeneration(cfg), "spm"
 
 
+def _qwen35moe(T):
+    # qwen35's linear attention (value heads != key heads) with 4 experts and a shared expert; the sentencepiece
+    # vocabulary of tiny.py, which the tests' converter wrapper reads (llamacpp.hf_to_gguf spm_vocab)
+    cfg = T.Qwen3_5MoeTextConfig(**BASE, head_dim=32, tie_word_embeddings=False,
+                                 layer_types=["linear_attention", "full_attention"],
+                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                  "partial_rotary_factor": 0.25, "mrope_section": [2, 1, 1],
+                                                  "mrope_interleaved": True},
+                                 linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                                 linear_num_value_heads=4, num_experts=4, num_experts_per_tok=2,
+                                 moe_intermediate_size=48, shared_expert_intermediate_size=40)
+    return T.Qwen3_5MoeForCausalLM(cfg), "spm"
+
+
 # Families whose released checkpoints store the experts transposed against transformers' modules, as
 # (E, hidden, 2 x ffn) and (E, ffn, hidden): transformers transposes them on load (conversion_mapping.py
 # Transpose(1, 2, check_dims=True)) and saves them back untransposed (the reverse op sees the module's shape
@@ -112,6 +126,7 @@ FAMILIES = {
     "qwen2vl": _qwen2vl,
     "qwen3vl": _qwen3vl,
     "qwen3vlmoe": _qwen3vlmoe,
+    "qwen35moe": _qwen35moe,
     "smollm3": lambda T: (T.SmolLM3ForCausalLM(T.SmolLM3Config(**BASE, tie_word_embeddings=False)), "spm"),
     "granite": lambda T: (T.GraniteForCausalLM(T.GraniteConfig(
         **BASE, tie_word_embeddings=False, embedding_multiplier=2.0, residual_multiplier=0.5,
@@ -125,7 +140,7 @@ FAMILIES = {
 }
 # convert_hf_to_gguf.py flags a family needs: Qwen3.5 checkpoints carry a multi-token-prediction block the
 # converter wants unless told to leave it out (conversion/qwen.py _QwenMtpMixin); these pico models have none.
-CONVERTER_FLAGS = {"qwen35": ("--no-mtp",)}
+CONVERTER_FLAGS = {"qwen35": ("--no-mtp",), "qwen35moe": ("--no-mtp",)}
 
 
 def make_base(family: str, folder: Path, seed: int = 0) -> torch.nn.Module:

@@ -37,7 +37,16 @@ FAMILIES = {
     "qwen3vlmoe": (dict(r=8, lora_alpha=16, target_modules=ATTN,
                         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"]),
                    "qwen3moe", True),
+    "qwen35moe": (dict(r=8, lora_alpha=16, use_rslora=True, target_modules=[
+        *ATTN, "in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj", "gate_proj", "up_proj", "down_proj",
+        "shared_expert_gate"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj",
+                                                  "mlp.gate.weight"]), "qwen3moe", True),
 }
+
+# GGUF tensors each family's adapter must land on besides the experts and the router
+STEMS = {"qwen3vlmoe": ("attn_q", "attn_k", "attn_v", "attn_output"),
+         "qwen35moe": ("attn_q", "attn_output", "attn_qkv", "attn_gate", "ssm_alpha", "ssm_beta", "ssm_out",
+                       "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp", "ffn_gate_inp_shexp")}
 
 
 class Env:
@@ -45,7 +54,8 @@ class Env:
         self.family, self.root, self.hf = family, root, root / "hf"
         lora, self.split_of, spm = FAMILIES[family]
         families.make_base(family, self.hf)
-        self.base_gguf = hf_to_gguf(self.hf, root / "base.gguf", spm_vocab=spm)
+        self.base_gguf = hf_to_gguf(self.hf, root / "base.gguf", spm_vocab=spm,
+                                    extra=families.CONVERTER_FLAGS.get(family, ()))
         shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in gguf.GGUFReader(self.base_gguf).tensors}
         self.n_vocab = shapes["token_embd.weight"][0]
         self.n_expert, self.hidden, self.ffn = shapes["blk.0.ffn_down_exps.weight"]
@@ -89,8 +99,9 @@ def _check(env, steps) -> float:
 
 def test_converted_adapter_matches_peft(env, record_property):
     lora = {t.name for t in gguf.GGUFReader(env.good.output).tensors}
-    for stem in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_inp", "attn_q"):
-        assert f"blk.1.{stem}.weight.lora_a" in lora, stem
+    stems = STEMS.get(env.family, ()) + ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_inp")
+    for stem in stems:
+        assert any(n.endswith(f".{stem}.weight.lora_a") for n in lora), stem
     record_property("max_dlogprob", _check(env, env.llama("adapter")))
 
 
