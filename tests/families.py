@@ -112,6 +112,21 @@ def _qwen35moe(T):
     return T.Qwen3_5MoeForCausalLM(cfg), "spm"
 
 
+def _gemma4moe(T):
+    # gemma4 26B-A4B's shape: a dense MLP and 4 experts (top-2) side by side in every layer, no per-layer
+    # embeddings; router.per_expert_scale and router.scale away from their initial ones (make_base), so that
+    # where the per-expert scale applies matters
+    cfg = T.Gemma4TextConfig(**{**BASE, "vocab_size": 160, "initializer_range": 0.02}, head_dim=16, global_head_dim=32,
+                             sliding_window=64, layer_types=["sliding_attention", "full_attention"],
+                             hidden_size_per_layer_input=0, num_kv_shared_layers=0, tie_word_embeddings=True,
+                             enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=48,
+                             final_logit_softcapping=30.0)
+    model = T.Gemma4ForCausalLM(cfg)
+    with torch.no_grad():  # the tied output at std 0.02 makes near-uniform logits that hide any error: sharpen them
+        model.model.norm.weight.mul_(10)
+    return model, "spm_json"
+
+
 # Families whose released checkpoints store the experts transposed against transformers' modules, as
 # (E, hidden, 2 x ffn) and (E, ffn, hidden): transformers transposes them on load (conversion_mapping.py
 # Transpose(1, 2, check_dims=True)) and saves them back untransposed (the reverse op sees the module's shape
@@ -127,6 +142,7 @@ FAMILIES = {
     "qwen3vl": _qwen3vl,
     "qwen3vlmoe": _qwen3vlmoe,
     "qwen35moe": _qwen35moe,
+    "gemma4moe": _gemma4moe,
     "smollm3": lambda T: (T.SmolLM3ForCausalLM(T.SmolLM3Config(**BASE, tie_word_embeddings=False)), "spm"),
     "granite": lambda T: (T.GraniteForCausalLM(T.GraniteConfig(
         **BASE, tie_word_embeddings=False, embedding_multiplier=2.0, residual_multiplier=0.5,
@@ -149,6 +165,12 @@ def make_base(family: str, folder: Path, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model, tokenizer = FAMILIES[family](transformers)
     model = model.float().eval()
+    with torch.no_grad():  # parameters a family initializes to ones, moved as training would (seeded)
+        for name, p in model.named_parameters():
+            if name.endswith("router.scale"):
+                p.uniform_(0.5, 2.0)
+            elif name.endswith("router.per_expert_scale"):  # far from 1, so that where it applies shows
+                p.uniform_(0.25, 4.0)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     if family in HUB_TRANSPOSED:
