@@ -13,7 +13,9 @@ pair per GGUF tensor. Between the two lie:
 - experts: 3-D pairs, lora_a (E, r, in) / lora_b (E, out, r), applied per selected expert by llama.cpp
   (build_lora_mm_id). PEFT writes them stacked (transformers >= 5: one ParamWrapper per 3-D parameter,
   lora_A (E*r, in) expert-major, lora_B (out, r*E) expert-minor) or per expert (transformers 4 modules);
-  both are checked against the base's expert count and sizes, which llama.cpp itself does not check;
+  both are checked against the base's expert count and sizes, which llama.cpp itself does not check. A
+  per-expert scale llama.cpp applies to the base product only (gemma4's ffn_down_exps.scale) is folded into
+  a written GGUF LoRA's lora_b (runtime_scale), never into a merge;
 - the scale fold: PEFT's per-module scale folded into B, so that llama.cpp's alpha / rank reproduces it.
 - the families' rules (archs.json): lora_a column transforms (qwen35's value-head reorder of out_proj), fused
   blocks (a --fuse-qkv base's attn_qkv: q/k/v pairs stacked into one), modules llama.cpp applies no LoRA to

@@ -194,3 +194,35 @@ def test_hf_folder_base_gives_the_same_file(env, tmp_path):
     ours = convert(env.adapter, env.hf, tmp_path / "hf.gguf", outtype="f32")
     assert ours.shapes_validated
     assert_same_tensors(ours.output, env.good.output)
+
+
+def test_llama_cpp_caps_gemma4_logits_without_a_softcap_value(tmp_path, record_property):
+    """Why the gemma4 pico model sets final_logit_softcapping = 30: with null (transformers: no cap) the
+    converter writes no gemma4.final_logit_softcapping and llama.cpp's loader keeps its default of 30
+    (src/llama-hparams.h), so the bare base already differs from transformers once logits are not
+    near-uniform. When this starts to pass within TOL, llama.cpp (or its converter) has fixed it."""
+    import transformers
+
+    model, tokenizer = families._gemma4moe(transformers)
+    config = model.config
+    config.final_logit_softcapping = None
+    torch.manual_seed(0)
+    model = transformers.Gemma4ForCausalLM(config).float().eval()
+    with torch.no_grad():
+        model.model.norm.weight.mul_(10)
+    hf = tmp_path / "hf"
+    model.save_pretrained(hf)
+    for name, data in families._tokenizer_files(tokenizer).items():
+        (hf / name).write_bytes(data)
+    base = hf_to_gguf(hf, tmp_path / "base.gguf")
+    assert "gemma4.final_logit_softcapping" not in gguf.GGUFReader(base).fields
+    steps = _served(base, tmp_path / "server.log")
+    ids = PROMPT + [s["id"] for s in steps]
+    with torch.no_grad():
+        logits = families.load_model(hf)(torch.tensor([ids])).logits[0].double()[:, :tiny.VOCAB]
+    ref = torch.log_softmax(logits, -1)[len(PROMPT) - 1: len(PROMPT) - 1 + len(steps)]
+    worst = max(abs(t["logprob"] - ref[i, t["id"]].item()) for i, s in enumerate(steps) for t in s["top_logprobs"])
+    record_property("max_dlogprob", worst)
+    assert worst > TOL
+    capped = torch.log_softmax(30 * torch.tanh(logits / 30), -1)[len(PROMPT) - 1: len(PROMPT) - 1 + len(steps)]
+    compare(steps, capped, TOL)  # and it is exactly the cap: transformers' logits capped at 30 agree
