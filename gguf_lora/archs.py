@@ -25,6 +25,10 @@ class Experts:
     per_expert_module: str | None = None  # transformers 4: <module>.{e}.<leaf>
     per_expert_leaves: dict[str, str] = field(default_factory=dict)  # leaf -> role
     config: dict[str, tuple[str, ...]] = field(default_factory=dict)  # count / ffn -> HF config keys, first wins
+    # GGUF expert stem -> the HF parameter (under layers.N.) of the per-expert scale llama.cpp stores as
+    # blk.N.<stem>.scale and multiplies into the base product only (gemma4: router.per_expert_scale)
+    base_scales: dict[str, str] = field(default_factory=dict)
+    fused_gate_up: bool = False  # llama.cpp's converter always writes ffn_gate_up_exps (gemma4), not gate and up
 
 
 @dataclass(frozen=True)
@@ -101,9 +105,11 @@ def _experts(name: str, spec: dict | None) -> Experts | None:
     per = spec.get("per_expert") or {}
     experts = Experts(spec.get("module"), dict(spec.get("params", {})), spec.get("gate_up", "halves"),
                       per.get("module"), dict(per.get("leaves", {})),
-                      {k: tuple(v) for k, v in spec.get("config", {}).items()})
+                      {k: tuple(v) for k, v in spec.get("config", {}).items()}, dict(spec.get("base_scales", {})),
+                      bool(spec.get("fused_gate_up", False)))
     roles = set(experts.params.values()) | set(experts.per_expert_leaves.values())
-    if roles - set(ROLES) or experts.gate_up not in SPLITS or set(experts.config) - {"count", "ffn"}:
+    if (roles - set(ROLES) or experts.gate_up not in SPLITS or set(experts.config) - {"count", "ffn"}
+            or set(experts.base_scales) - {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_up_exps"}):
         raise ValueError(f"archs.json: {name}.experts is invalid (roles {sorted(roles)}, gate_up {experts.gate_up!r})")
     return experts
 

@@ -5,6 +5,7 @@ numpy order (rows first) under GGUF tensor names.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,8 +212,15 @@ def read_hf_base(path: Path) -> BaseModel:
         _check_heads(cfg_path, arch, n_layers, n_head, n_head_kv, None, keys)
         name_map = arch.name_map(n_layers)
         tensors, where_ = {}, {}
+        scales = arch.experts.base_scales if arch.experts else {}
         for f in files:
             for name, e in SafetensorsFile(f).entries.items():
+                hit = next((m for stem, hf in scales.items()
+                            if (m := re.search(rf"(?:^|\.)layers\.(\d+)\.{re.escape(hf)}$", name))), None)
+                if hit:  # llama.cpp's converter stores it as blk.N.<stem>.scale (archs.json experts.base_scales)
+                    stem = next(s for s, hf in scales.items() if name.endswith(hf))
+                    where_[f"blk.{hit.group(1)}.{stem}.scale"] = (f, name)
+                    continue
                 gguf_name = name_map.get_name(arch.normalize_module(name), try_suffixes=(".weight", ".bias"))
                 if gguf_name:
                     tensors[gguf_name] = e.shape
@@ -220,22 +228,28 @@ def read_hf_base(path: Path) -> BaseModel:
         _check_heads(cfg_path, arch, n_layers, n_head, n_head_kv, tensors, keys)
         tied = "output.weight" not in tensors
         if n_expert:  # what llama.cpp's converter writes for the experts (checkpoints store them in many layouts)
-            tensors.update(_hf_expert_shapes(text, n_layers, n_expert, moe["n_embd"], n_ff_exp))
+            tensors.update(_hf_expert_shapes(text, n_layers, n_expert, moe["n_embd"], n_ff_exp,
+                                             arch.experts.fused_gate_up))
         return BaseModel(path, "hf", arch, n_layers, n_head, n_head_kv, tensors, tied, where_, **moe,
                          hparams=dict(text))
     _check_heads(cfg_path, arch, n_layers, n_head, n_head_kv, None, keys)
     return BaseModel(path, "hf", arch, n_layers, n_head, n_head_kv, tensors, tied, **moe, hparams=dict(text))
 
 
-def _hf_expert_shapes(text: dict, n_layers: int, n_expert: int, n_embd: int, n_ff: int) -> dict[str, tuple]:
-    """GGUF expert tensors of an HF MoE model, unfused as convert_hf_to_gguf.py writes them by default.
+def _hf_expert_shapes(text: dict, n_layers: int, n_expert: int, n_embd: int, n_ff: int,
+                      fused: bool = False) -> dict[str, tuple]:
+    """GGUF expert tensors of an HF MoE model, unfused as convert_hf_to_gguf.py writes them by default (fused:
+    the architecture's converter always writes ffn_gate_up_exps).
     Qwen-style configs name dense layers (mlp_only_layers, decoder_sparse_step); others are sparse throughout."""
     dense = set(text.get("mlp_only_layers") or [])
     step = int(text.get("decoder_sparse_step") or 1)
     out = {}
     for i in range(n_layers):
         if i not in dense and (i + 1) % step == 0:
-            out[f"blk.{i}.ffn_gate_exps.weight"] = out[f"blk.{i}.ffn_up_exps.weight"] = (n_expert, n_ff, n_embd)
+            if fused:
+                out[f"blk.{i}.ffn_gate_up_exps.weight"] = (n_expert, 2 * n_ff, n_embd)
+            else:
+                out[f"blk.{i}.ffn_gate_exps.weight"] = out[f"blk.{i}.ffn_up_exps.weight"] = (n_expert, n_ff, n_embd)
             out[f"blk.{i}.ffn_down_exps.weight"] = (n_expert, n_embd, n_ff)
     return out
 

@@ -94,7 +94,7 @@ def convert(adapter: str | Path, base: str | Path | None = None, output: str | P
 
     def produce(i: int) -> np.ndarray:
         if i % 2 == 0:
-            arrays[0], arrays[1] = pair_arrays(peft, planned[i // 2], model)
+            arrays[0], arrays[1] = pair_arrays(peft, planned[i // 2], model, runtime=True)
         return encode(arrays.pop(i % 2), specs[i].qtype)
 
     with atomic_output(out) as tmp:

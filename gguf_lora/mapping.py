@@ -13,7 +13,9 @@ pair per GGUF tensor. Between the two lie:
 - experts: 3-D pairs, lora_a (E, r, in) / lora_b (E, out, r), applied per selected expert by llama.cpp
   (build_lora_mm_id). PEFT writes them stacked (transformers >= 5: one ParamWrapper per 3-D parameter,
   lora_A (E*r, in) expert-major, lora_B (out, r*E) expert-minor) or per expert (transformers 4 modules);
-  both are checked against the base's expert count and sizes, which llama.cpp itself does not check;
+  both are checked against the base's expert count and sizes, which llama.cpp itself does not check. A
+  per-expert scale llama.cpp applies to the base product only (gemma4's ffn_down_exps.scale) is folded into
+  a written GGUF LoRA's lora_b (runtime_scale), never into a merge;
 - the scale fold: PEFT's per-module scale folded into B, so that llama.cpp's alpha / rank reproduces it.
 - the families' rules (archs.json): lora_a column transforms (qwen35's value-head reorder of out_proj), fused
   blocks (a --fuse-qkv base's attn_qkv: q/k/v pairs stacked into one), modules llama.cpp applies no LoRA to
@@ -652,9 +654,49 @@ def _part_arrays(adapter: PeftAdapter, part: Part, a_rows: int, base: BaseModel)
     return a, b
 
 
-def pair_arrays(adapter: PeftAdapter, p: PlannedPair, base: BaseModel) -> tuple[np.ndarray, np.ndarray]:
+def runtime_scale(name: str, base: BaseModel) -> np.ndarray | None:
+    """The per-expert scale (E,) that llama.cpp multiplies into the base product of expert tensor `name` only,
+    never into a LoRA's (build_lora_mm_id's w_s, src/llama-graph.cpp): gemma4's router.per_expert_scale,
+    stored as blk.N.ffn_down_exps.scale (conversion/gemma.py). None where the arch has none (archs.json
+    experts.base_scales) or the base GGUF holds none (then llama.cpp applies none)."""
+    spec = base.arch.experts
+    parts = name.split(".")
+    if spec is None or len(parts) != 4 or parts[2] not in spec.base_scales:
+        return None
+    scale_name = f"{parts[0]}.{parts[1]}.{parts[2]}.scale"
+    got = base.read_tensor(scale_name)
+    if got is None:
+        if base.kind == "gguf":
+            return None
+        raise InputError(f"Base {base.source} has no weights to read {spec.base_scales[parts[2]]} of layer "
+                         f"{parts[1]} from", f"llama.cpp scales {parts[2]}'s base product per expert by it and its "
+                         "LoRA not, so the adapter's lora_b must carry it", "pass the base GGUF or the full HF folder")
+    scale = np.asarray(got[0], dtype=np.float32).reshape(-1)
+    if not np.all(np.isfinite(scale)) or np.any(scale == 0):
+        raise UnsupportedError(f"Base {base.source} has a zero or non-finite {scale_name}",
+                               "a LoRA delta cannot be expressed against an expert whose base product is scaled "
+                               "by it", "check the base model")
+    return scale
+
+
+def pair_arrays(adapter: PeftAdapter, p: PlannedPair, base: BaseModel,
+                runtime: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """lora_a and lora_b in llama.cpp's layout, float32, every transform and the scale fold applied (for
-    experts: (E, r, in) and (E, out, r))."""
+    experts: (E, r, in) and (E, out, r)). runtime: for a GGUF LoRA that llama.cpp applies at run time, with
+    the per-expert scales it multiplies into the base product only folded into lora_b (runtime_scale); a
+    merge adds B A to the stored weight, which llama.cpp then scales itself."""
+    a, b = _pair_arrays(adapter, p, base)
+    scale = runtime_scale(p.gguf_name, base) if runtime and p.experts else None
+    if scale is not None:
+        if scale.shape[0] != b.shape[0]:
+            raise BaseMismatchError(f"Base {base.source} has {scale.shape[0]} per-expert scales for "
+                                    f"{p.gguf_name}, which has {b.shape[0]} experts", "the base is damaged",
+                                    "convert the base again")
+        b = b * scale[:, None, None]
+    return a, b
+
+
+def _pair_arrays(adapter: PeftAdapter, p: PlannedPair, base: BaseModel) -> tuple[np.ndarray, np.ndarray]:
     first = p.parts[0]
     if (len(p.parts) == 1 and first.rows is None and not first.offset and first.expert is None
             and first.pair.b_shape[0] == p.b_shape[-2]):  # one module onto all of its tensor's rows

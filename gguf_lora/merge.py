@@ -20,7 +20,7 @@ from . import __version__
 from .base import BaseModel, is_gguf, read_gguf_base
 from .convert import Progress
 from .mapping import (EMBEDDINGS, bias_target, pair_arrays, pair_rank, plan, refuse_non_text, replacement_target,
-                      target_shape, text_part, transform_rows, transform_weight)
+                      runtime_scale, target_shape, text_part, transform_rows, transform_weight)
 from .gguf_read import GGUFFile, general_type, lora_reader
 from .llama_cpp import convert_hf_hint
 from .errors import AdapterError, BaseMismatchError, InputError, UnsupportedError
@@ -138,6 +138,10 @@ def _gguf_lora(path: Path, scale: float, base: BaseModel) -> tuple[dict[str, lis
                                     f"{tuple(want) if want else 'no such tensor'}", "the adapter is for another model",
                                     "pass the adapter's own base")
         load = lambda ta=ta, tb=tb: (decode(ta.data, ta.tensor_type), decode(tb.data, tb.tensor_type))  # noqa: E731
+        runtime = runtime_scale(target, base) if len(b_shape) == 3 else None
+        if runtime is not None:  # llama.cpp scales this tensor's base product per expert, not the LoRA's: the
+            # file's lora_b carries the scale (convert folds it in), the stored weight must not
+            load = lambda load=load, s=runtime: (lambda a, b: (a, b / s[:, None, None]))(*load())  # noqa: E731
         out[target] = [Contribution(path.name, scale * (alpha / rank if alpha else 1.0), load)]
     return out, sha256_file(path)
 

@@ -82,12 +82,67 @@ def _qwen3vl(T):
     return T.Qwen3VLForConditionalGeneration(cfg), "spm"
 
 
+# Mixture-of-experts variants (tests/test_moe_families.py): 4 experts, top-2, expert ffn 48 (so that no expert
+# tensor is square: transformers tells its two layouts of qwen3vlmoe's experts apart by shape alone).
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1, mlp_only_layers=[],
+           norm_topk_prob=True)
+
+
+def _qwen3vlmoe(T):
+    text = dict(**BASE, head_dim=16, model_type="qwen3_vl_moe_text", **MOE,
+                rope_parameters={**MROPE, "mrope_interleaved": True})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                  deepstack_visual_indexes=[], patch_size=16, num_position_embeddings=16)
+    cfg = T.Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, image_token_id=120,
+                             video_token_id=121, vision_start_token_id=122, vision_end_token_id=123)
+    return T.Qwen3VLMoeForConditionalGeneration(cfg), "spm"
+
+
+def _qwen35moe(T):
+    # qwen35's linear attention (value heads != key heads) with 4 experts and a shared expert; the sentencepiece
+    # vocabulary of tiny.py, which the tests' converter wrapper reads (llamacpp.hf_to_gguf spm_vocab)
+    cfg = T.Qwen3_5MoeTextConfig(**BASE, head_dim=32, tie_word_embeddings=False,
+                                 layer_types=["linear_attention", "full_attention"],
+                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                  "partial_rotary_factor": 0.25, "mrope_section": [2, 1, 1],
+                                                  "mrope_interleaved": True},
+                                 linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                                 linear_num_value_heads=4, num_experts=4, num_experts_per_tok=2,
+                                 moe_intermediate_size=48, shared_expert_intermediate_size=40)
+    return T.Qwen3_5MoeForCausalLM(cfg), "spm"
+
+
+def _gemma4moe(T):
+    # gemma4 26B-A4B's shape: a dense MLP and 4 experts (top-2) side by side in every layer, no per-layer
+    # embeddings; router.per_expert_scale and router.scale away from their initial ones (make_base), so that
+    # where the per-expert scale applies matters
+    cfg = T.Gemma4TextConfig(**{**BASE, "vocab_size": 160, "initializer_range": 0.02}, head_dim=16, global_head_dim=32,
+                             sliding_window=64, layer_types=["sliding_attention", "full_attention"],
+                             hidden_size_per_layer_input=0, num_kv_shared_layers=0, tie_word_embeddings=True,
+                             enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=48,
+                             final_logit_softcapping=30.0)
+    model = T.Gemma4ForCausalLM(cfg)
+    with torch.no_grad():  # the tied output at std 0.02 makes near-uniform logits that hide any error: sharpen them
+        model.model.norm.weight.mul_(10)
+    return model, "spm_json"
+
+
+# Families whose released checkpoints store the experts transposed against transformers' modules, as
+# (E, hidden, 2 x ffn) and (E, ffn, hidden): transformers transposes them on load (conversion_mapping.py
+# Transpose(1, 2, check_dims=True)) and saves them back untransposed (the reverse op sees the module's shape
+# and keeps it), while llama.cpp's converter expects the released layout (conversion/qwen3vl.py
+# Qwen3VLMoeTextModel.modify_tensors). make_base writes the released layout, as a downloaded checkpoint has.
+HUB_TRANSPOSED = {"qwen3vlmoe": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")}
+
 FAMILIES = {
     "qwen35": _qwen35,
     "gemma4": _gemma4,
     "mistral3": _mistral3,
     "qwen2vl": _qwen2vl,
     "qwen3vl": _qwen3vl,
+    "qwen3vlmoe": _qwen3vlmoe,
+    "qwen35moe": _qwen35moe,
+    "gemma4moe": _gemma4moe,
     "smollm3": lambda T: (T.SmolLM3ForCausalLM(T.SmolLM3Config(**BASE, tie_word_embeddings=False)), "spm"),
     "granite": lambda T: (T.GraniteForCausalLM(T.GraniteConfig(
         **BASE, tie_word_embeddings=False, embedding_multiplier=2.0, residual_multiplier=0.5,
@@ -101,7 +156,7 @@ FAMILIES = {
 }
 # convert_hf_to_gguf.py flags a family needs: Qwen3.5 checkpoints carry a multi-token-prediction block the
 # converter wants unless told to leave it out (conversion/qwen.py _QwenMtpMixin); these pico models have none.
-CONVERTER_FLAGS = {"qwen35": ("--no-mtp",)}
+CONVERTER_FLAGS = {"qwen35": ("--no-mtp",), "qwen35moe": ("--no-mtp",)}
 
 
 def make_base(family: str, folder: Path, seed: int = 0) -> torch.nn.Module:
@@ -110,11 +165,30 @@ def make_base(family: str, folder: Path, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model, tokenizer = FAMILIES[family](transformers)
     model = model.float().eval()
+    with torch.no_grad():  # parameters a family initializes to ones, moved as training would (seeded)
+        for name, p in model.named_parameters():
+            if name.endswith("router.scale"):
+                p.uniform_(0.5, 2.0)
+            elif name.endswith("router.per_expert_scale"):  # far from 1, so that where it applies shows
+                p.uniform_(0.25, 4.0)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
+    if family in HUB_TRANSPOSED:
+        _transpose_experts(folder, HUB_TRANSPOSED[family])
     for name, data in _tokenizer_files(tokenizer).items():
         (folder / name).write_bytes(data)
     return model
+
+
+def _transpose_experts(folder: Path, suffixes: tuple[str, ...]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    for f in folder.glob("*.safetensors"):
+        tensors = load_file(f)
+        hits = [k for k in tensors if k.endswith(suffixes)]
+        assert hits and all(tensors[k].shape[1] != tensors[k].shape[2] for k in hits)  # else the layout is ambiguous
+        save_file({k: v.transpose(1, 2).contiguous() if k in hits else v for k, v in tensors.items()}, f,
+                  metadata={"format": "pt"})
 
 
 def load_model(folder: Path) -> torch.nn.Module:
