@@ -266,11 +266,11 @@ def test_interruption_mid_write_leaves_nothing(adapter, tmp_path, llama_base, mo
     real = convert_mod.pair_arrays
     calls = []
 
-    def interrupted(*args):
+    def interrupted(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(convert_mod, "pair_arrays", interrupted)
     with pytest.raises(KeyboardInterrupt):
