@@ -273,7 +273,6 @@ def merge(base: str | Path, adapters: list[tuple[str | Path, float]], output: st
     provenance = []
     left_out: list[str] = []
     for path, scale in adapters:
-        path = Path(path)
         if path.is_file() and is_gguf(path):
             contrib, digest = _gguf_lora(path, scale, model)
         else:
@@ -409,7 +408,6 @@ def quantize(source: str | Path, output: str | Path, outtype: str, force: bool =
         raise InputError(f"Unknown output type {outtype!r}", "quantize writes one of llama-quantize's types",
                          f"choose one of {', '.join(OUTTYPES)}")
     source = usable_path(source, "Input ")
-    usable_path(output, "Output ")
     if not source.is_file() or not is_gguf(source):
         raise InputError(f"Input {source} is not a GGUF file", "quantize reads and writes llama.cpp model files",
                          convert_hf_hint())
